@@ -72,10 +72,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, seen: set[str] | No
         if typing.get_origin(tp) is typing.Literal:
             choices = list(typing.get_args(tp))
         conv = _converter(tp, f.name)
-        if optional:
+        if optional or not isinstance(conv, type):
             inner = conv
-            conv = lambda s, inner=inner: None if s.lower() in ("none", "") else inner(s)  # noqa: E731
-        conv.__name__ = getattr(tp, "__name__", "value")  # argparse names the type in its error message
+
+            def conv(s, inner=inner, optional=optional):
+                return None if optional and s.lower() in ("none", "") else inner(s)
+            conv.__name__ = getattr(tp, "__name__", "value")  # argparse names the type in its error message
         group.add_argument(flag, type=conv, choices=choices, required=f.metadata.get("required", False), **kw)
 
 
