@@ -6,7 +6,8 @@
     with FakeOpenAI(respond) as server:
         client = OpenAI(base_url=server.base_url, api_key="test")
         ...
-        server.requests                           # every request: {"path", "body", "headers"}, in arrival order
+        server.requests                           # every request: {"path", "body", "headers"} in arrival order
+                                                  # (header names lower-cased)
 
 `respond` runs on the server's worker threads (one per connection), so it must be thread-safe; it may sleep
 to simulate a slow server. `scripted([...])` answers from a fixed list in arrival order, and the
@@ -15,6 +16,7 @@ to simulate a slow server. `scripted([...])` answers from a fixed list in arriva
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -84,7 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             body = {"_raw": raw.decode("utf-8", "replace")}
         server: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
-        server._record(self.path, body, dict(self.headers))
+        server._record(self.path, body, {k.lower(): v for k, v in self.headers.items()})
         try:
             status, headers, payload = server.respond(self.path, body)
         except Exception as e:  # a broken test script should show up as a 500 with the reason, not a hang
@@ -107,6 +109,15 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a handler still sleeping at shutdown must not keep the test process alive
+
+    def handle_error(self, request, client_address):
+        # a client that timed out and hung up is expected in retry tests; anything else is a real error
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class FakeOpenAI:
     """Threaded scripted server; use as a context manager. `requests` records every POST in arrival order."""
 
@@ -114,8 +125,7 @@ class FakeOpenAI:
         self.respond = respond
         self.requests: list[dict] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.fake = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
