@@ -91,7 +91,7 @@ test-quick: setup
 
 # speed ratios against the reference libraries (see BENCHMARKS.md)
 bench: setup
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in bench/*.py; do $(PY) -m bench.$$(basename $$b .py) || exit 1; done
 
 # remove outputs and caches (keeps .venv)
 clean:

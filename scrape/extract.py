@@ -2,7 +2,7 @@
 
     from scrape.extract import extract_article
     article = extract_article(html, url)   # {"title", "author", "published", "text", "tags", ...}
-    python -m scrape.extract page.html     # print what one saved page yields
+    python -m scrape.extract page.html [--generic-only] [--body-xpath XPATH]   # what one saved page yields
 
 The generic extractor splits the cleaned page into text blocks, scores every element by the article-like text it
 holds minus the boilerplate it holds (link-heavy and short blocks), takes the best element and keeps its blocks that
@@ -12,35 +12,52 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin
 
 import lxml.html
 from lxml import etree
 
+from cli import parse_args
+
 # Never part of an article body.
 _DROP_TAGS = {"script", "style", "noscript", "template", "svg", "math", "iframe", "object", "embed", "canvas",
-              "button", "input", "select", "textarea", "option", "nav", "footer", "aside", "form", "dialog",
-              "head", "link", "meta", "audio", "video", "picture", "img", "map"}
-_BLOCK_TAGS = {"p", "div", "section", "article", "main", "header", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol",
-               "li", "dl", "dt", "dd", "blockquote", "pre", "table", "thead", "tbody", "tr", "td", "th", "figure",
-               "figcaption", "address", "center", "hr", "br", "body", "caption", "details", "summary", "span_block"}
-_HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
-# Class / id words of page furniture; matched against whole tokens of the attribute (split on - _ space).
+              "button", "input", "select", "textarea", "option", "dialog", "head", "link", "meta", "audio", "video",
+              "picture", "img", "map", "figure", "figcaption", "title", "marquee"}
+# Usually furniture, but some sites wrap the whole page in them (a <form> on ASP.NET pages).
+_FURNITURE_TAGS = {"nav", "footer", "aside", "form"}
+_BLOCK_TAGS = {"p", "div", "section", "article", "main", "header", "footer", "nav", "aside", "form", "h1", "h2", "h3",
+               "h4", "h5", "h6", "ul", "ol", "li", "dl", "dt", "dd", "blockquote", "pre", "table", "thead", "tbody",
+               "tr", "figure", "figcaption", "address", "center", "hr", "br", "body", "caption",
+               "details", "summary"}
+# Parts of an article's own flow: never taken as the whole article.
+_FLOW_TAGS = {"p", "ul", "ol", "li", "dl", "table", "tbody", "tr", "blockquote", "pre", "h2", "h3", "h4", "h5", "h6"}
+# Class / id words of page furniture, matched against the words of the attribute (split on - _ space camelCase).
 _BOILER_WORDS = re.compile(
-    r"^(?:comments?|commentlist|disqus|share|sharing|social|sociable|related|relatedposts|recommended|recirc|"
-    r"newsletter|subscribe|subscription|signup|sidebar|footer|breadcrumbs?|navbar|nav|navigation|menu|cookie|"
-    r"cookies|consent|popup|modal|promo|advert|advertisement|ads?|adsbygoogle|sponsored|sponsor|outbrain|taboola|"
-    r"widget|toolbar|masthead|pagination|pager|print|tags|tagcloud|byline|author|bio|rating|skip|hidden|banner|"
-    r"paywall|trending|most|popular|teaser|tooltip|overlay|login|follow|caption|credit|disclaimer)$")
-_KEEP_WORDS = re.compile(r"^(?:article|body|content|entry|main|post|story|text|hentry)$")
+    r"^(?:comments?|commentlist|disqus|share|sharing|sharedaddy|social|sociable|related|relatedposts|recommended|"
+    r"recirc|newsletter|subscribe|subscription|signup|sidebar|footer|breadcrumbs?|navbar|nav|navigation|menu|"
+    r"cookie|cookies|consent|popup|modal|promo|advert|advertisement|adsbygoogle|sponsored|outbrain|taboola|"
+    r"widget|toolbar|masthead|pagination|pager|tags|tagcloud|byline|author|bio|rating|skip|banner|"
+    r"paywall|trending|popular|teaser|tooltip|overlay|login|follow|caption|credit|disclaimer|ticker|marquee)$")
+# Furniture words that stay furniture even on a big element or next to a word like "content".
+_STRONG = re.compile(r"comment|disqus|related|recommend|outbrain|taboola|newsletter|cookie|share|social", re.I)
+# ...unless the same attribute also says it holds the article ("content-with-sidebar", "article-body-footer").
+_KEEP_WORDS = re.compile(r"^(?:article|body|content|entry|main|post|story|text)$")
+# Ad slots are only recognised by a whole class name: the word "ad" inside a class name is too often something else.
+_AD_CLASS = re.compile(r"^(?:ad|ads|ad-.+|ads-.+|.+-ad|.+-ads|adslot|adunit|dfp.*|gpt-ad.*)$", re.I)
 _SPLIT = re.compile(r"[\s_\-]+|(?<=[a-z])(?=[A-Z])")
 _HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden")
-_WS = re.compile(r"\s+")
+_DATE = re.compile(r"\b(?:19|20)\d\d\b|\b\d{1,2}:\d\d\b")
+_SENTENCE_END = re.compile(r"\w{3,}[.!?:]$")  # "... the deal." but not "3:34 p.m."
+_WS = re.compile(r"[\s\u200b\ufeff]+")
 # Lines that are calls to action, not article text.
 _BOILER_LINE = re.compile(
-    r"^(?:advertisement|sponsored|read more|read also|see also|related|share( this)?|continue reading|"
-    r"click here|sign up|subscribe|follow us|tweet|email|print|comments?|loading\.*|\W*)\W*$", re.I)
+    r"^(?:advert|advertisement|ad|sponsored|read more|read also|see also|related|share( this)?|continue reading|"
+    r"click here|sign up|subscribe|follow us|tweet|email|print|comments?|loading\.*|"
+    r"this slideshow requires javascript|don'?t miss|most (read|popular)|more great .{1,30} stories|"
+    r"(you )?(may|might) also like|recommended( for you)?|explore further|related (articles|stories|posts|news)|"
+    r"trending( now)?|story continues below|advertisement - scroll to continue|\W*)\W*$", re.I)
 
 
 @dataclass
@@ -51,38 +68,54 @@ class _Block:
     element: etree._Element
 
     @property
+    def size(self) -> int:
+        return _size(self.text)
+
+    @property
     def link_density(self) -> float:
         return self.link_chars / max(1, len(self.text))
 
 
-def _tokens(el) -> list[str]:
-    attr = f"{el.get('class', '')} {el.get('id', '')}"
-    return [t.lower() for t in _SPLIT.split(attr) if t]
+def _hidden(el) -> bool:
+    return el.get("hidden") is not None or el.get("aria-hidden") == "true" or \
+        bool(_HIDDEN_STYLE.search(el.get("style", "")))
 
 
-def _is_boilerplate(el) -> bool:
-    """True for elements whose class/id or attributes mark them as page furniture."""
-    if el.get("hidden") is not None or el.get("aria-hidden") == "true" or _HIDDEN_STYLE.search(el.get("style", "")):
+def _marked(el) -> bool:
+    """True for elements whose tag, role, class or id mark them as page furniture."""
+    if el.tag in _FURNITURE_TAGS:
         return True
-    if el.get("role") in ("navigation", "complementary", "contentinfo", "banner", "dialog"):
+    if el.get("role") in ("navigation", "complementary", "contentinfo", "banner", "dialog", "menu"):
         return True
-    tokens = _tokens(el)
-    return any(_BOILER_WORDS.match(t) for t in tokens) and not any(_KEEP_WORDS.match(t) for t in tokens)
+    classes = f"{el.get('class', '')} {el.get('id', '')}"
+    if any(_AD_CLASS.match(c) for c in classes.split()):
+        return True
+    words = [t.lower() for t in _SPLIT.split(classes) if t]
+    bad = [t for t in words if _BOILER_WORDS.match(t)]
+    if bad and any(_KEEP_WORDS.match(t) for t in words):
+        return any(_STRONG.match(t) for t in bad)
+    return bool(bad)
 
 
-def _clean(root) -> None:
-    """Drop tags that never hold article text and elements marked as furniture (in place)."""
-    for el in list(root.iter(etree.Comment, etree.ProcessingInstruction)):
-        el.drop_tree() if el.getparent() is not None else None
-    total = len(_WS.sub("", root.text_content()))
+def _remove(el) -> None:
+    """Remove `el` and its subtree but keep its tail text (what lxml.html's drop_tree does)."""
+    parent = el.getparent()
+    if el.tail:
+        prev = el.getprevious()
+        if prev is not None:
+            prev.tail = (prev.tail or "") + el.tail
+        else:
+            parent.text = (parent.text or "") + el.tail
+    parent.remove(el)
+
+
+def _drop_junk(root) -> None:
+    """Remove tags that never hold article text and hidden elements (in place)."""
     for el in list(root.iter()):
-        if not isinstance(el.tag, str) or el.getparent() is None:
+        if el.getparent() is None:
             continue
-        if el.tag in _DROP_TAGS or (el.tag not in ("html", "body", "article", "main") and _is_boilerplate(el)):
-            # safety net: a class word like "post-author-bio" wrapping half the page is a false positive
-            if el.tag not in _DROP_TAGS and len(_WS.sub("", el.text_content())) > 0.4 * total:
-                continue
-            el.drop_tree()
+        if not isinstance(el.tag, str) or el.tag in _DROP_TAGS or _hidden(el):
+            _remove(el)
 
 
 def _blocks(root) -> list[_Block]:
@@ -116,7 +149,9 @@ def _blocks(root) -> list[_Block]:
         if is_block:
             flush()
             owner[0] = el.getparent() if el.getparent() is not None else root
-        if el.tail:
+        elif tag in ("td", "th"):
+            parts.append(" ")  # a table row is one block; its cells stay separate words
+        if el.tail and el is not root:  # the root's tail lies outside it
             parts.append(el.tail)
             if in_link:
                 links[0] += len(el.tail.strip())
@@ -126,41 +161,168 @@ def _blocks(root) -> list[_Block]:
     return out
 
 
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+
+
+def _size(text: str) -> int:
+    """Length in Latin-letter equivalents: a CJK character carries about as much as a short word."""
+    return len(text) + 2 * len(_CJK.findall(text))
+
+
+# Scoring weights, tuned on the article-extraction benchmark (bench/extract.py).
+_GOOD_MIN = 50      # non-link characters that make a block article-like
+_LINK_W = 2.0       # link characters count against a good block this many times
+_BAD_W = 0.6        # a boilerplate block counts against its containers by this much per character...
+_BAD_C = 15.0       # ...plus this much per block, so many short bits (menus) weigh a lot
+_DESC_R = 0.85      # a descendant keeping this share of the best score is the tighter, better container
+
+
 def _good(b: _Block) -> bool:
-    """Article-like: a sentence-sized block with few links."""
-    return len(b.text) >= 60 and b.link_density < 0.3 and not _BOILER_LINE.match(b.text)
+    """Article-like: a sentence-sized block that is mostly not link text."""
+    return b.size - b.link_chars >= _GOOD_MIN and b.link_density < 0.7 and not _BOILER_LINE.match(b.text)
 
 
-def _best_container(blocks: list[_Block]):
-    """The element maximising (good text) - (boilerplate text) over its blocks."""
-    score: dict = {}
+def _plain(b: _Block) -> bool:
+    """A short paragraph, list item or data-table row without links: part of an article, not furniture."""
+    return b.tag in ("p", "li", "tr") and b.link_chars == 0
+
+
+def _value(b: _Block) -> float:
+    """Container score of one block: its own words count for, link text and short snippets against."""
+    if _good(b):
+        return b.size - _LINK_W * b.link_chars
+    if _plain(b):
+        return 0.0
+    return -_BAD_W * b.size - _BAD_C
+
+
+def _lineage(el, top=None):
+    """`el` and its ancestors below `top` (default: up to the document root, included)."""
+    while el is not None and el is not top:
+        yield el
+        el = el.getparent()
+
+
+def _furniture(blocks: list[_Block], h1, top=None) -> set:
+    """Indices of blocks inside furniture-marked elements (below `top`). Weak marks (a class word like `has-sidebar`
+    on the main column) are ignored on elements holding much of the page's good text; none are on elements holding
+    the <h1>."""
+    good: dict = {}
+    count: dict = {}
     for b in blocks:
-        n = len(b.text)
-        value = n if _good(b) else -0.6 * n - 15
-        el = b.element
-        while el is not None:
+        if _good(b):
+            for el in _lineage(b.element, top):
+                good[el] = good.get(el, 0) + b.size
+                count[el] = count.get(el, 0) + 1
+    total = max(good.values(), default=0)
+    title_path = set(h1.iterancestors()) if h1 is not None else set()
+    marks: dict = {}
+    out = set()
+    for i, b in enumerate(blocks):
+        for el in _lineage(b.element, top):
+            if el not in marks:
+                strong = bool(_STRONG.search(f"{el.get('class')} {el.get('id')}"))
+                marks[el] = _marked(el) and el not in title_path and (
+                    strong or good.get(el, 0) < 0.4 * total or count.get(el, 0) < 3)
+            if marks[el]:
+                out.add(i)
+                break
+    return out
+
+
+def _best_container(blocks: list[_Block], furniture: set):
+    """The element maximising (good text) - (boilerplate text) over its blocks, or None."""
+    score: dict = {}
+    for i, b in enumerate(blocks):
+        value = -_BAD_W * b.size - _BAD_C if i in furniture else _value(b)
+        for el in (b.element, *b.element.iterancestors()):
             score[el] = score.get(el, 0.0) + value
-            el = el.getparent()
-    return max(score, key=score.get) if score else None
+    best = max(score, key=score.get, default=None)
+    if best is None or score[best] <= 0:
+        return None  # nothing on the page looks like article text
+    # a wrapper that adds teasers around the article scores a little higher than the article itself: take the
+    # deepest element that keeps most of the best score
+    floor = _DESC_R * score[best]
+    for el in best.iterdescendants():
+        if score.get(el, 0.0) >= floor and el.tag not in _FLOW_TAGS:
+            best = el
+    return best
+
+
+_CAPTION = re.compile(r"\((?:image|photo|picture|pic|credit|source|video)s?\s*:[^)]*\)$|"
+                      r"^(?:image|photo|slide) \d+ of \d+$|^(?:©|\(c\)|copyright\b)", re.I)
 
 
 def _keep(b: _Block) -> bool:
-    if _BOILER_LINE.match(b.text):
+    """False for the headline, calls to action, link lists, captions, copyright and dateline/byline lines."""
+    if b.tag == "h1" or _BOILER_LINE.match(b.text) or b.link_density >= 0.7 or _CAPTION.search(b.text):
         return False
-    if b.link_density > 0.5:
-        return False
-    return True
+    # a date or byline line: short, with a year or a clock time, and no sentence end
+    return not (b.size < 80 and _DATE.search(b.text) and not _SENTENCE_END.search(b.text))
 
 
-def generic_text(root) -> str:
-    """Main text of a parsed, cleaned page by text/link density (no metadata)."""
+def _join(blocks: list[_Block]) -> str:
+    return "\n\n".join(b.text for b in blocks)
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def generic_text(root, headings: tuple[str | None, ...] = (), standfirst: str | None = None) -> str:
+    """Main text of a parsed page by text and link density (modifies `root`). Blocks repeating one of `headings`,
+    or the `standfirst` outside a <p> (a <p> equal to the description is the lead paragraph), are metadata."""
+    _drop_junk(root)
     blocks = _blocks(root)
-    best = _best_container(blocks)
+    furniture = _furniture(blocks, next(root.iter("h1"), None))
+    best = _best_container(blocks, furniture)
     if best is None:
         return ""
-    inside = {id(e) for e in best.iter()}
-    kept = [b.text for b in blocks if id(b.element) in inside and _keep(b)]
-    return "\n\n".join(kept)
+    inside = set(best.iter())
+    repeats = {_words(h) for h in headings if h}
+    dek = _words(standfirst or "")
+    kept = [b for i, b in enumerate(blocks) if b.element in inside and i not in furniture and _keep(b)
+            and _words(b.text) not in repeats and not (b.tag != "p" and _words(b.text) == dek)]
+    # an article starts and ends with prose or plain paragraphs: other short lines at the edges are bylines,
+    # datelines, "Explore further"
+    while kept and not (_good(kept[-1]) or _plain(kept[-1])):
+        kept.pop()
+    start = next((i for i, b in enumerate(kept) if _good(b) or _plain(b)), len(kept))
+    return _join(kept[start:])
+
+
+def selected_text(root, xpath: str) -> str:
+    """Text of the elements a site selector picks, cleaned like the generic path ("" if it matches nothing)."""
+    _drop_junk(root)
+    try:
+        found = [el for el in root.xpath(xpath) if isinstance(el, etree._Element)]
+    except etree.XPathError as e:
+        raise ValueError(f"body_xpath {xpath!r} is not a valid XPath: {e}") from e
+    chosen = set(found)
+    kept = []
+    for el in found:
+        if any(a in chosen for a in el.iterancestors()):
+            continue  # inside another match: its text is already in
+        blocks = _blocks(el)
+        furniture = _furniture(blocks, None, top=el)  # only elements inside the match can be furniture
+        kept += [b for i, b in enumerate(blocks) if i not in furniture and _keep(b)]
+    return _join(kept)
+
+
+_HTML_PARSER = etree.HTMLParser(encoding="utf-8", remove_comments=True, remove_pis=True)
+_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([\w-]+)""", re.I)
+
+
+def decode_html(content: bytes, encoding: str | None = None) -> str:
+    """Bytes of a page -> str: the HTTP charset, else the <meta> charset, else UTF-8 (bad bytes replaced)."""
+    found = _CHARSET.search(content[:4096])
+    for enc in (encoding, found.group(1).decode("ascii") if found else None, "utf-8"):
+        if enc:
+            try:
+                return content.decode(enc, errors="replace")
+            except LookupError:
+                continue  # an unknown charset name: try the next guess
+    raise AssertionError("utf-8 is always known")
 
 
 # ---------------------------------------------------------------- metadata
@@ -178,7 +340,7 @@ def _jsonld_items(root) -> list[dict]:
 
     for script in root.xpath('//script[@type="application/ld+json"]'):
         try:
-            add(json.loads(script.text or ""))
+            add(json.loads(script.text or "", strict=False))  # raw newlines in strings are common
         except json.JSONDecodeError:
             continue  # broken JSON-LD is common; the meta tags and the generic path still apply
     return items
@@ -206,47 +368,76 @@ def _meta(root, *keys: str) -> str | None:
     return None
 
 
-def extract_article(html: str | bytes, url: str = "", use_jsonld_body: bool = True) -> dict:
-    """Title, author, published, text, tags, description, lang, site and canonical url of one article page."""
-    if not html or not html.strip():
-        return {"url": url, "title": None, "author": None, "published": None, "text": "", "tags": []}
-    root = lxml.html.fromstring(html.encode() if isinstance(html, str) else html,
-                                parser=lxml.html.HTMLParser(encoding="utf-8", remove_comments=True))
+def _first_str(value) -> str | None:
+    """JSON-LD values may be a string, a list of them, or an object with @value."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if isinstance(value, dict):
+        value = value.get("@value")
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def extract_article(html: str | bytes, url: str = "", use_jsonld_body: bool = True,
+                    body_xpath: str | None = None) -> dict:
+    """Title, author, published, text, tags (and modified, description, lang, site) of one article page.
+
+    Body: a site selector (`body_xpath`) if it matches, else the generic extractor; JSON-LD `articleBody`
+    replaces either unless it is a teaser or `use_jsonld_body` is off. `url` becomes the page's canonical URL."""
+    if isinstance(html, bytes):
+        html = decode_html(html)
+    if not html.strip():
+        return {"url": url, "title": None, "author": None, "published": None, "modified": None,
+                "description": None, "lang": None, "site": None, "tags": [], "text": ""}
+    # plain etree elements: lxml.html's element classes cost a lookup per node and we need none of their methods
+    root = etree.fromstring(html.encode("utf-8"), _HTML_PARSER)
+    if root is None:
+        return extract_article("", url)
     article = next((i for i in _jsonld_items(root) if _is_article(i)), {})
-    h1 = root.xpath("string(//h1)").strip()
-    title = (_WS.sub(" ", article["headline"]).strip() if isinstance(article.get("headline"), str) else None) \
-        or _meta(root, "og:title", "twitter:title") or h1 or root.findtext(".//title")
+    title = _first_str(article.get("headline")) or _meta(root, "og:title", "twitter:title") \
+        or root.xpath("normalize-space(//h1)") or root.findtext(".//title")
     authors = _names(article.get("author")) or [a for a in [_meta(root, "author", "article:author")] if a]
-    keywords = article.get("keywords") or _meta(root, "keywords", "news_keywords") or []
+    keywords = article.get("keywords") or _meta(root, "news_keywords", "keywords") or []
     if isinstance(keywords, str):
-        keywords = [k.strip() for k in keywords.split(",")]
-    tags = [t.strip() for t in root.xpath('//meta[@property="article:tag"]/@content')] or keywords
+        keywords = keywords.split(",")
+    tags = root.xpath('//meta[@property="article:tag"]/@content') or keywords
     canonical = root.xpath('string(//link[@rel="canonical"]/@href)').strip() or _meta(root, "og:url")
-    body = article.get("articleBody") if use_jsonld_body else None
-    if isinstance(body, str) and len(body) > 200:
-        text = "\n\n".join(_WS.sub(" ", line).strip() for line in body.split("\n") if line.strip())
-    else:
-        _clean(root)
-        text = generic_text(root)
-    return {
-        "url": canonical or url,
-        "title": title.strip() if title else None,
+    meta = {
+        "url": urljoin(url, canonical) if canonical else url,
+        "title": _WS.sub(" ", title).strip() if title else None,
         "author": ", ".join(dict.fromkeys(authors)) or None,
-        "published": article.get("datePublished") or _meta(root, "article:published_time", "datePublished",
-                                                             "pubdate", "date", "dc.date", "parsely-pub-date"),
-        "modified": article.get("dateModified") or _meta(root, "article:modified_time"),
-        "description": article.get("description") or _meta(root, "og:description", "description"),
+        "published": _first_str(article.get("datePublished")) or _meta(
+            root, "article:published_time", "datePublished", "pubdate", "date", "dc.date", "parsely-pub-date"),
+        "modified": _first_str(article.get("dateModified")) or _meta(root, "article:modified_time"),
+        "description": _first_str(article.get("description")) or _meta(root, "og:description", "description"),
         "lang": root.get("lang") or _meta(root, "og:locale"),
         "site": _meta(root, "og:site_name"),
-        "tags": [t for t in dict.fromkeys(tags) if isinstance(t, str) and t],
-        "text": text,
+        "tags": list(dict.fromkeys(t.strip() for t in tags if isinstance(t, str) and t.strip())),
     }
+    text = (selected_text(root, body_xpath) if body_xpath else "") or \
+        generic_text(root, (meta["title"], _meta(root, "og:title", "twitter:title")), meta["description"])
+    body = _first_str(article.get("articleBody")) if use_jsonld_body else None
+    if body and "<" in body:
+        body = lxml.html.fromstring(body).text_content()  # some sites put HTML in articleBody
+    # the publisher's own body wins unless it is a teaser (many sites cut it to a few hundred characters)
+    if body and len(body) >= max(200, 0.8 * len(text)):
+        text = "\n\n".join(_WS.sub(" ", line).strip() for line in body.split("\n") if line.strip())
+    return {**meta, "text": text}
+
+
+@dataclass
+class ExtractArgs:
+    generic_only: bool = field(default=False, metadata={"help": "ignore JSON-LD articleBody"})
+    body_xpath: str | None = field(default=None, metadata={"help": "XPath of the body element (a site selector)"})
 
 
 def main(argv: list[str] | None = None) -> None:
-    for path in (argv if argv is not None else sys.argv[1:]):
-        with open(path, "rb") as f:
-            print(json.dumps(extract_article(f.read(), path), ensure_ascii=False, indent=1))
+    args, ns = parse_args(argv, ExtractArgs, description=__doc__,
+                          positional=[("pages", {"nargs": "+", "type": Path, "help": "saved .html files"})])
+    for path in ns.pages:
+        if not path.is_file():
+            raise FileNotFoundError(f"no page at {path}")
+        article = extract_article(path.read_bytes(), path.resolve().as_uri(), not args.generic_only, args.body_xpath)
+        print(json.dumps(article, ensure_ascii=False, indent=1))
 
 
 if __name__ == "__main__":
