@@ -77,13 +77,15 @@ class LLMArgs:
     checkpoint: str | None = field(default=None, metadata={"help": "local backend: model path; "
                                                                    "None = the embedded SmolLM2"})
     adapter: str | None = field(default=None, metadata={"help": "local backend: LoRA adapter directory"})
+    max_tokens_cap: int = field(default=0, metadata={"help": "cap every answer at this many tokens, whatever a "
+                                                             "stage asks (bounds time or cost); 0 = no cap"})
 
     def __post_init__(self):
         if self.backend not in ("openai", "local"):
             raise ValueError(f"backend={self.backend!r} must be 'openai' or 'local'")
         if self.concurrency < 1:
             raise ValueError(f"concurrency={self.concurrency} must be >= 1")
-        for name in ("rpm", "max_retries", "backoff"):
+        for name in ("rpm", "max_retries", "backoff", "max_tokens_cap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.timeout <= 0:
@@ -437,6 +439,8 @@ class LLM:
 
     def _generate(self, kind: str, payload, params: dict) -> Completion:
         params = _sampling_params(**params)
+        if self.args.max_tokens_cap:  # before the cache key, so capped answers are cached as what they are
+            params["max_tokens"] = min(params["max_tokens"], self.args.max_tokens_cap)
         key = self._key(kind, self.model_id, payload, params)
         hit = self._cache.get(key) if self._cache else None
         if hit is not None:

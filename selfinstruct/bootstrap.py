@@ -97,10 +97,11 @@ def filter_reason(instruction: str, domain_exceptions: bool = True) -> str | Non
 def sample_prompt(rng: random.Random, human: list[str], crypto: list[str], machine: list[str],
                   n_total: int, n_machine: int, n_crypto: int) -> list[str]:
     """In-context instructions: n_machine from the machine pool (once it has them), n_crypto of ours, the rest
-    from the paper's human seeds, shuffled."""
+    from the paper's human seeds (from more of ours when there are none), shuffled."""
     chosen = rng.sample(machine, min(n_machine, len(machine)))
-    chosen += rng.sample(crypto, min(n_crypto, len(crypto), n_total - len(chosen)))
-    chosen += rng.sample(human, n_total - len(chosen))
+    n_mine = n_crypto if human else n_total - len(chosen)  # without human seeds, ours fill the prompt
+    chosen += rng.sample(crypto, min(n_mine, len(crypto), n_total - len(chosen)))
+    chosen += rng.sample(human, n_total - len(chosen)) if human else []
     rng.shuffle(chosen)
     return chosen
 

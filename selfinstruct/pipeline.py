@@ -36,6 +36,9 @@ class SelfInstructArgs:
     seed_tasks: Path | None = field(default=None, metadata={
         "help": "local copy of the paper's seed_tasks.jsonl (default: download --seed-url once, verified)"})
     seed_url: str = field(default=SEED_URL, metadata={"help": "where the 175 human seed tasks are downloaded from"})
+    human_seeds: bool = field(default=True, metadata={
+        "help": "use the paper's human seed tasks; --no-human-seeds bootstraps from our crypto seeds alone "
+                "(offline, no download)"})
     crypto_seeds: Path = field(default=CRYPTO_SEEDS, metadata={"help": "our crypto-news seed tasks (JSONL)"})
     download_dir: Path = field(default=Path(".cache/selfinstruct"), metadata={
         "help": "cache for downloaded seeds and general instruction sets"})
@@ -110,7 +113,7 @@ def run(args: SelfInstructArgs, llm: LLM) -> dict:
     """Run (or resume) every step into args.out; returns the stats also written to stats.json."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    human = human_seed_tasks(args.download_dir, args.seed_url, args.seed_tasks)
+    human = human_seed_tasks(args.download_dir, args.seed_url, args.seed_tasks) if args.human_seeds else []
     crypto = load_seed_tasks(args.crypto_seeds)
     seeds = human + crypto
 

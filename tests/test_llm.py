@@ -468,3 +468,11 @@ def test_local_backend_embedded_model(tmp_path, smollm2_gguf):
         b = llm.chat(user("Name a colour."), max_tokens=6)
         assert a.text.strip() and a.completion_tokens <= 6 and a.finish_reason in ("stop", "length")
         assert b.cached and b.text == a.text and llm.usage["requests"] == 1
+
+
+def test_max_tokens_cap_bounds_every_request(tmp_path):
+    with FakeOpenAI(echo) as server, make(server, tmp_path, max_tokens_cap=16) as llm:
+        llm.chat(user("long answer please"), max_tokens=1024)
+        llm.complete("short", max_tokens=8)
+        assert [r["body"]["max_tokens"] for r in server.requests] == [16, 8]
+        assert llm.chat(user("long answer please"), max_tokens=512).cached  # capped to the same request

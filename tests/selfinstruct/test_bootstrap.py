@@ -77,3 +77,5 @@ def test_sample_prompt_mixes_machine_crypto_and_human():
     assert [sum(x[0] == k for x in later) for k in "mch"] == [2, 3, 3]
     paper = sample_prompt(rng, human, [], ["m1", "m2"], 8, 2, 0)  # the paper's mix: 6 human + 2 machine
     assert sorted(x[0] for x in paper) == ["h"] * 6 + ["m"] * 2
+    offline = sample_prompt(rng, [], crypto, ["m1", "m2"], 8, 2, 3)  # --no-human-seeds: ours fill the prompt
+    assert sorted(x[0] for x in offline) == ["c"] * 6 + ["m"] * 2 and len(set(offline)) == 8
