@@ -4,13 +4,14 @@ each) -> the micro-batches of every optimizer step, in an order fixed by seed an
     from data import load_records, encode_records, make_rows, StepLoader
     records = load_records("out/selfinstruct/train.jsonl")        # [{"instruction", "input", "output"}, ...]
     examples, dropped = encode_records(records, tokenizer, max_len=512)
-    loader = StepLoader(make_rows(examples, 512, pack=True), micro_batch=4, grad_accum=2, pad_id=0)
+    loader = StepLoader(make_rows(examples, 512, pack_rows=True), micro_batch=4, grad_accum=2, pad_id=0)
     micro_batches = loader.next()       # this rank's grad_accum Batches of the next step
     loss_sum, n_tokens = model(**micro_batches[0].inputs("cpu"))
 
 Base models get the Alpaca prompt, chat models (tokenizer.chat_template set) their chat template. Labels are the
 already-shifted targets model.forward expects: -100 on the prompt (unless train_on_inputs), EOS always the last
-target, even when the output is truncated to max_len.
+target, even when the output is truncated to max_len. Records may also be Self-Instruct seed tasks
+({instruction, instances: [{input, output}, ...]}), one example per instance.
 """
 from __future__ import annotations
 
@@ -251,7 +252,8 @@ class StepLoader:
         for key in ("seed", "global_batch", "n_rows"):
             if state[key] != mine[key]:
                 raise ValueError(f"cannot resume: the checkpoint's data plan has {key}={state[key]}, this run "
-                                 f"{mine[key]}; resume with the same --data, --seed, --max-len, --pack and global batch")
+                                 f"{mine[key]}; resume with the same --data, --seed, --max-len, --pack and "
+                                 f"global batch")
         self.epoch, self.step = state["epoch"], state["step"]
 
 

@@ -65,6 +65,16 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
+class Linear(nn.Linear):
+    """nn.Linear, except that one input row on the CPU goes through torch.mv: PyTorch's CPU bf16 GEMM is far
+    below memory bandwidth for a single row (decoding at batch 1), its GEMV is not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1] and x.device.type == "cpu" and self.bias is None:
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+        return super().forward(x)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 whatever the input dtype (Zhang & Sennrich 2019)."""
 
@@ -81,8 +91,9 @@ class RMSNorm(nn.Module):
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position * theta^(-2i/head_dim), each (max_len, head_dim // 2), fp32 (Su et al. 2021)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    # on the CPU even when a loader builds the model on the meta device (arange has no meta kernel there)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32, device="cpu"), inv_freq)
     return angles.cos(), angles.sin()
 
 
@@ -115,10 +126,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, start_pos: int) -> torch.Tensor:
@@ -142,9 +153,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -167,13 +178,18 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+        if not self.tok_embeddings.weight.is_meta:  # normal_ on the meta device would import torch._dynamo
+            nn.init.normal_(self.tok_embeddings.weight)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.tie_weights()
-        # cos/sin are derived, not learned: kept out of the state dict and rebuilt if they land on the meta device
+        # cos/sin are derived, not learned: kept out of the state dict, real values even for a meta-device model
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        default = torch.empty(0).device
+        if default.type != "meta":
+            cos, sin = cos.to(default), sin.to(default)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._cache_docs: torch.Tensor | None = None  # (B, max_len) document id of every cached slot

@@ -1,6 +1,10 @@
 """Shared fixtures: paths to the real data in ../shared/data and the embedded models."""
 import importlib.util
+import os
 from pathlib import Path
+
+# set before torch starts its OpenMP pool: on a shared 2-core box, spinning waiters made 2-thread torch ~10x slower
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch

@@ -69,7 +69,8 @@ def test_load_json_jsonl_and_seed_tasks(tmp_path, shared_data):
 @pytest.mark.parametrize("content, match", [
     ("", "empty"),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "out', r"b.jsonl:2: invalid JSON"),
-    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "input": "x"}\n', r"b.jsonl:3: record has no 'output'"),
+    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "input": "x"}\n',
+     r"b.jsonl:3: record has no 'output'"),
     ('[{"instruction": "a", "output": "b"}, {"output": "b"}]', r"record 1: record has no 'instruction'"),
     ('[1]', "expected a JSON object"),
     ('{"instruction": "a", "output": 3}', "'output' must be a string"),
@@ -214,7 +215,6 @@ def test_validation_split_and_eval_shares():
     assert sorted(seen) == [3 + i for i in range(7)]
 
 
-@pytest.mark.slow
 @pytest.mark.reference
 def test_chat_examples_match_transformers_on_real_records(shared_data, smollm2_gguf):
     """Our SmolLM2 examples are HF's tokenization of the conversation, and the loss starts at the answer."""

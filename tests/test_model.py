@@ -146,3 +146,14 @@ def test_low_precision_forward_keeps_fp32_logits():
     model = tiny().to(torch.bfloat16)
     logits = model(torch.randint(0, 256, (1, 6)))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_single_row_linear_equals_nn_linear():
+    from model import Linear
+    lin = Linear(48, 40, bias=False)
+    ref = torch.nn.Linear(48, 40, bias=False)
+    ref.weight = lin.weight
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 1, 48, dtype=dtype)
+        torch.testing.assert_close(lin.to(dtype)(x), ref.to(dtype)(x), atol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                                   rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
