@@ -1,0 +1,131 @@
+"""LoRA training throughput: our loop (train_ddp.train) vs a transformers + peft loop, real (non-pad) tokens/s.
+
+    python -m bench.train                     # embedded SmolLM2-135M, LoRA q,v r=8, max length 256, ~5 min
+    python -m bench.train --steps 6 --micro-batch-size 2
+
+Both sides train the same base weights on the same real instruction data (../shared/data/selfinstruct, Alpaca-GPT4
+demo records in the chat template, prompt masked), with the same micro-batch, AdamW, clipping and precision. The
+reference is the usual HF recipe: LlamaForCausalLM + peft.get_peft_model, batches in random order padded to their
+longest example, logits over every position. Ours runs once without packing (length-grouped batches) and once
+with packing (rows of --max-len tokens). Tokens/s counts only real tokens and skips the first --warmup steps.
+fp32 decides the targets; bf16 (autocast, frozen base in bf16) is reported for both sides.
+"""
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cli import parse_args
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "selfinstruct" / "alpaca_gpt4_en_demo999.json"
+
+
+@dataclass
+class BenchArgs:
+    data: str = field(default=str(DATA), metadata={"help": "Alpaca JSON/JSONL records"})
+    steps: int = field(default=10, metadata={"help": "optimizer steps per run"})
+    warmup: int = field(default=2, metadata={"help": "steps left out of the timing"})
+    micro_batch_size: int = field(default=4, metadata={"help": "rows per step (both sides)"})
+    max_len: int = field(default=256, metadata={"help": "max tokens per example / packed row"})
+    threads: int = field(default=1, metadata={"help": "torch threads (2 threads on 2 shared cores thrash)"})
+    precisions: tuple[str, ...] = field(default=("fp32", "bf16"), metadata={"help": "fp32 and/or bf16"})
+
+    def __post_init__(self):
+        if self.steps <= self.warmup:
+            raise ValueError(f"--steps={self.steps} must exceed --warmup={self.warmup}")
+        if not set(self.precisions) <= {"fp32", "bf16"} or "fp32" not in self.precisions:
+            raise ValueError(f"--precisions={self.precisions}: fp32 is required, bf16 optional")
+
+
+def ours(args: BenchArgs, precision: str, pack: bool, out: Path) -> float:
+    """Real tokens/s of train_ddp.train, from its own per-step metrics."""
+    from checkpoint import load_model, load_tokenizer
+    from train_ddp import TrainArgs, train
+
+    targs = TrainArgs(data=args.data, out=str(out), max_steps=args.steps, micro_batch_size=args.micro_batch_size,
+                      max_len=args.max_len, pack=pack, precision=precision, device="cpu", lora_targets=("wq", "wv"),
+                      lora_r=8, val_fraction=0.0, eval_every=0, save_every=0, warmup_steps=2)
+    train(targs, load_model(), load_tokenizer())
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup:]
+    return sum(r["tokens"] for r in recs) / sum(r["tokens"] / r["tok_s"] for r in recs)
+
+
+def hf_peft(args: BenchArgs, precision: str, hf_dir: Path) -> float:
+    """Real tokens/s of a plain transformers + peft loop on right-padded batches."""
+    import peft
+    import transformers
+
+    from checkpoint import load_tokenizer
+    from data import encode_records, load_records
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                       target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for p in model.parameters():  # adapters in fp32 over a bf16 base, as ours
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    examples, _ = encode_records(load_records(args.data), load_tokenizer(), args.max_len)
+    random.Random(0).shuffle(examples)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    tokens, seconds = 0, 0.0
+    for step in range(args.steps):
+        batch = examples[step * args.micro_batch_size:(step + 1) * args.micro_batch_size]
+        # HF shifts inside the model: give it the whole sequence and unshifted labels
+        seqs = [e.tokens + e.labels[-1:] for e in batch]
+        labels = [[-100] + e.labels for e in batch]
+        T = max(map(len, seqs))
+        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+        lab = torch.tensor([x + [-100] * (T - len(x)) for x in labels])
+        mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
+        t0 = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= args.warmup:
+            tokens, seconds = tokens + sum(map(len, seqs)) - len(seqs), seconds + time.perf_counter() - t0
+    return tokens / seconds
+
+
+def run(args: BenchArgs) -> dict[str, float]:
+    """Tokens/s of every (side, precision) pair."""
+    from checkpoint import load_model, save_model
+
+    torch.set_num_threads(args.threads)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_model(load_model(), tmp / "hf", format="hf")
+        for precision in args.precisions:
+            results[f"hf_peft_{precision}"] = hf_peft(args, precision, tmp / "hf")
+            results[f"ours_nopack_{precision}"] = ours(args, precision, False, tmp / f"nopack_{precision}")
+            results[f"ours_pack_{precision}"] = ours(args, precision, True, tmp / f"pack_{precision}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = parse_args(argv, BenchArgs, description=__doc__)
+    r = run(args)
+    for name, tok_s in r.items():
+        print(f"{name}: {tok_s:.0f} real tokens/s")
+    if "bf16" in args.precisions:
+        for side in ("hf_peft", "ours_nopack", "ours_pack"):
+            print(f"{side}_bf16_vs_fp32: {r[f'{side}_bf16'] / r[f'{side}_fp32']:.2f}x")
+    print(f"train_vs_hf_peft_nopack: {r['ours_nopack_fp32'] / r['hf_peft_fp32']:.2f}x (goal >= 1.2x)")
+    print(f"train_vs_hf_peft_pack: {r['ours_pack_fp32'] / r['hf_peft_fp32']:.2f}x (goal >= 2x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""LoRA (Hu et al. 2021) for model.py: low-rank adapters on frozen linears, saved as safetensors, exported to peft.
+
+    from lora import LoraArgs, apply_lora, save_adapter, load_adapter, merge_lora
+    apply_lora(model, LoraArgs(r=8, targets=("wq", "wv")))    # freezes everything but the adapters
+    python lora.py merge --adapter out/run/adapter --out out/merged --format hf    # base = the embedded model
+    python lora.py merge --checkpoint llama-2-7b/ --adapter out/run/adapter --out out/merged --format meta
+
+An adapter folder holds `adapter.safetensors` (keys `layers.0.attention.wq.lora_A`, ...) and `adapter_config.json`
+({"lora": LoraArgs, "model": ModelArgs}), so loading can check that it belongs to the model it is put on.
+`export_peft` writes the same weights in the layout `peft.PeftModel.from_pretrained` reads on the HF model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import ModelArgs, Transformer
+
+# our linear names -> their HF LlamaForCausalLM module paths (relative to the decoder layer, or the top for output)
+HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+            "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj", "output": "lm_head"}
+ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
+
+
+@dataclass
+class LoraArgs:
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator: scale = alpha / r"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter input"})
+    targets: tuple[str, ...] = field(default=("wq", "wv"),
+                                     metadata={"help": f"linears to adapt, any of {','.join(HF_NAMES)}"})
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023)"})
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)  # JSON gives lists
+        if self.r <= 0:
+            raise ValueError(f"LoRA r={self.r} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+        unknown = [t for t in self.targets if t not in HF_NAMES]
+        if unknown or not self.targets:
+            raise ValueError(f"unknown LoRA target(s) {unknown or list(self.targets)}; choose from {list(HF_NAMES)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    """base(x) + scale * B(A(dropout(x))) with base frozen; A, B in fp32 whatever the base dtype."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scale = alpha / math.sqrt(r) if rslora else alpha / r
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))
+        # the same init as nn.Linear and peft: A uniform, B zero so training starts from the base model
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        # outside autocast an fp16 input meets fp32 adapters: compute the update in the adapters' dtype
+        h = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (h * self.scale).to(y.dtype)
+
+    def delta(self) -> torch.Tensor:
+        """The weight update scale * B @ A, (out, in), fp32."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+
+def _clean(name: str) -> str:
+    """Drop the path parts that wrappers insert (FSDP, activation checkpointing), so names match the bare model."""
+    return ".".join(p for p in name.split(".") if not p.endswith("_wrapped_module"))
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {_clean(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: Transformer, args: LoraArgs) -> Transformer:
+    """Replace every target linear by a LoRALinear and freeze all other parameters (in place; returns model)."""
+    if lora_modules(model):
+        raise ValueError("model already has LoRA adapters; build or load a fresh base model")
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in args.targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, args.r, args.alpha, args.dropout, args.rslora))
+    found = {n.rsplit(".", 1)[-1] for n in lora_modules(model)}
+    if found != set(args.targets):
+        raise ValueError(f"LoRA target(s) {sorted(set(args.targets) - found)} not found in the model")
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights only, fp32 on CPU: {'layers.0.attention.wq.lora_A': ..., ...}."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A"] = m.lora_A.detach().float().cpu().contiguous()
+        out[f"{name}.lora_B"] = m.lora_B.detach().float().cpu().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, largs: LoraArgs, margs: ModelArgs, out_dir: str | Path) -> Path:
+    """Write adapter.safetensors + adapter_config.json into out_dir (each file atomically); return out_dir."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = lora_state_dict(model)
+    if not state:
+        raise ValueError("model has no LoRA adapters to save; call apply_lora first")
+    save_file(state, out / (ADAPTER_FILE + ".tmp"))
+    os.replace(out / (ADAPTER_FILE + ".tmp"), out / ADAPTER_FILE)
+    _write_json(out / CONFIG_FILE, {"lora": asdict(largs), "model": asdict(margs)})
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_adapter_config(adapter_dir: str | Path, margs: ModelArgs) -> LoraArgs:
+    """LoraArgs of an adapter folder, after checking it was trained on a model with exactly these ModelArgs."""
+    path = Path(adapter_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {adapter_dir}; pass the folder that save_adapter wrote")
+    cfg = json.loads(path.read_text())
+    ours = asdict(margs)
+    diff = {k: (v, ours.get(k)) for k, v in cfg["model"].items() if ours.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
+        raise ValueError(f"adapter {adapter_dir} was trained on another model ({shown}); "
+                         f"pass the base checkpoint it was trained on (--checkpoint)")
+    return LoraArgs(**cfg["lora"])
+
+
+def load_adapter(model: Transformer, adapter_dir: str | Path) -> LoraArgs:
+    """Put the adapter in adapter_dir on model (applying LoRA first unless already applied); return its LoraArgs."""
+    from safetensors.torch import load_file
+
+    largs = read_adapter_config(adapter_dir, model.args)
+    modules = lora_modules(model)
+    if not modules:
+        apply_lora(model, largs)
+        modules = lora_modules(model)
+    elif any((m.r, m.alpha, m.rslora) != (largs.r, largs.alpha, largs.rslora) for m in modules.values()):
+        raise ValueError(f"adapter {adapter_dir} has r={largs.r} alpha={largs.alpha} rslora={largs.rslora}, "
+                         f"unlike the LoRA already on the model")
+    state = load_file(Path(adapter_dir) / ADAPTER_FILE)
+    expected = {f"{n}.lora_{ab}" for n in modules for ab in "AB"}
+    if set(state) != expected:
+        raise ValueError(f"adapter {adapter_dir} holds {sorted(set(state) ^ expected)[:4]}... that do not match "
+                         f"the model's LoRA targets {largs.targets}")
+    with torch.no_grad():
+        for name, m in modules.items():
+            m.lora_A.copy_(state[f"{name}.lora_A"])
+            m.lora_B.copy_(state[f"{name}.lora_B"])
+    return largs
+
+
+def merge_lora(model: Transformer) -> Transformer:
+    """Fold every adapter into its base weight (W += scale * B @ A); forward then skips the adapter path."""
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            if m.merged:
+                continue
+            if name == "output" and m.base.weight is model.tok_embeddings.weight:
+                # tied embeddings: the update belongs to the output projection only, so untie first
+                m.base.weight = nn.Parameter(m.base.weight.detach().clone(), requires_grad=False)
+                model.args = replace(model.args, tie_embeddings=False)
+            m.base.weight += m.delta().to(m.base.weight.dtype)
+            m.merged = True
+    return model
+
+
+def unmerge_lora(model: Transformer) -> Transformer:
+    """Undo merge_lora (W -= scale * B @ A), so the adapters train or can be swapped again."""
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            if m.merged:
+                m.base.weight -= m.delta().to(m.base.weight.dtype)
+                m.merged = False
+    return model
+
+
+def strip_lora(model: Transformer) -> Transformer:
+    """Merge the adapters and put the plain linears back, leaving a bare Transformer to save as a checkpoint."""
+    merge_lora(model)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.base)
+    return model
+
+
+def export_peft(model: Transformer, out_dir: str | Path, base_model_name: str = "") -> Path:
+    """Write adapter_config.json + adapter_model.safetensors that peft loads on the HF form of the same base."""
+    from safetensors.torch import save_file
+
+    from checkpoint import permute_to_hf
+
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("model has no LoRA adapters to export; call apply_lora first")
+    args = model.args
+    state, targets = {}, set()
+    for name, m in modules.items():
+        target = name.rsplit(".", 1)[-1]
+        targets.add(HF_NAMES[target].rsplit(".", 1)[-1])
+        if target == "output":
+            prefix = "base_model.model.lm_head"
+        else:
+            layer = name.split(".")[1]
+            prefix = f"base_model.model.model.layers.{layer}.{HF_NAMES[target]}"
+        b = m.lora_B.detach().float().cpu()
+        # HF keeps q/k rows in the half-split rotary layout; B's rows are output rows, A acts on inputs
+        if target == "wq":
+            b = permute_to_hf(b, args.n_heads)
+        elif target == "wk":
+            b = permute_to_hf(b, args.kv_heads)
+        state[f"{prefix}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
+        state[f"{prefix}.lora_B.weight"] = b.contiguous()
+    first = next(iter(modules.values()))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+              "r": first.r, "lora_alpha": first.alpha, "lora_dropout": first.dropout.p, "use_rslora": first.rslora,
+              "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "adapter_model.safetensors.tmp", metadata={"format": "pt"})
+    os.replace(out / "adapter_model.safetensors.tmp", out / "adapter_model.safetensors")
+    _write_json(out / "adapter_config.json", config)
+    return out
+
+
+@dataclass
+class MergeArgs:
+    adapter: str = field(default="", metadata={"help": "adapter folder written by train_ddp.py", "required": True})
+    out: str = field(default="", metadata={"help": "output folder for the merged checkpoint", "required": True})
+    checkpoint: str | None = field(default=None, metadata={"help": "base checkpoint (default: the embedded model)"})
+    format: Literal["meta", "hf"] = field(default="meta", metadata={"help": "checkpoint format to write"})
+
+
+def merge(margs: MergeArgs) -> Path:
+    """Base checkpoint + adapter -> a merged checkpoint in margs.out; returns its path."""
+    from checkpoint import embedded_model_path, load_model, save_model
+
+    model = load_model(margs.checkpoint)  # in the checkpoint's own dtype; the update is computed in fp32
+    load_adapter(model, margs.adapter)
+    return save_model(strip_lora(model), margs.out, format=margs.format,
+                      tokenizer_src=margs.checkpoint or embedded_model_path())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cli import parse_args
+
+    margs, _ = parse_args(argv, MergeArgs, description=__doc__, positional=[("command", {"choices": ["merge"]})])
+    print(f"merged checkpoint written to {merge(margs)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""lora.py against peft on transformers' LlamaForCausalLM built from the same tiny weights, and its own equivalences."""
+import json
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import hf_to_meta, permute_to_hf
+from lora import (HF_NAMES, LoRALinear, LoraArgs, apply_lora, export_peft, load_adapter, lora_modules,
+                  lora_state_dict, main, merge_lora, save_adapter, strip_lora, unmerge_lora)
+from model import ModelArgs, Transformer
+from tests.test_model import CONFIGS, hf_llama
+
+ALL = tuple(HF_NAMES)
+
+
+def pair(targets=ALL, r=4, alpha=8.0, rslora=False, config="gqa", seed=0):
+    """(our model with random A and B, the HF model with the same base weights, LoraArgs)."""
+    args = ModelArgs(**CONFIGS[config])
+    hf = hf_llama(args, seed=seed)
+    ours = Transformer(args).eval()
+    ours.load_state_dict(hf_to_meta(hf.state_dict(), args))
+    largs = LoraArgs(r=r, alpha=alpha, dropout=0.0, targets=targets, rslora=rslora)
+    apply_lora(ours, largs)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in lora_modules(ours).values():
+            m.lora_B.normal_(0, 0.1)  # B = 0 would hide every mistake in B's layout
+    return ours, hf, largs
+
+
+def peft_model(hf, largs):
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=largs.r, lora_alpha=largs.alpha, lora_dropout=0.0, use_rslora=largs.rslora,
+                          target_modules=[HF_NAMES[t].rsplit(".", 1)[-1] for t in largs.targets])
+    return peft.get_peft_model(hf, cfg).eval()
+
+
+def copy_into_peft(ours, pm):
+    """Write our A and B into peft's modules by hand (independent of export_peft's file layout)."""
+    args = ours.args
+    with torch.no_grad():
+        for name, m in lora_modules(ours).items():
+            target = name.rsplit(".", 1)[-1]
+            if target == "output":
+                mod = pm.base_model.model.lm_head
+            else:
+                mod = pm.base_model.model.model.layers[int(name.split(".")[1])].get_submodule(HF_NAMES[target])
+            b = m.lora_B
+            if target in ("wq", "wk"):
+                b = permute_to_hf(b, args.n_heads if target == "wq" else args.kv_heads)
+            mod.lora_A["default"].weight.copy_(m.lora_A)
+            mod.lora_B["default"].weight.copy_(b)
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        out = model(tokens)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+TOKENS = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("targets, rslora", [(("wq", "wv"), False), (ALL, False), (("wk", "w2", "output"), True)])
+def test_logits_match_peft(targets, rslora):
+    ours, hf, largs = pair(targets, rslora=rslora)
+    pm = peft_model(hf, largs)
+    copy_into_peft(ours, pm)
+    assert (logits(ours, TOKENS) - logits(pm, TOKENS)).abs().max().item() < 1e-4
+
+
+@pytest.mark.reference
+def test_merged_equals_peft_merge_and_unload():
+    ours, hf, largs = pair()
+    pm = peft_model(hf, largs)
+    copy_into_peft(ours, pm)
+    merged_hf = pm.merge_and_unload()
+    bare = strip_lora(ours)
+    assert not lora_modules(bare)
+    ref = hf_to_meta(merged_hf.state_dict(), bare.args)
+    for k, w in bare.state_dict().items():
+        assert (w - ref[k]).abs().max().item() < 1e-5, k
+    assert (logits(bare, TOKENS) - logits(merged_hf, TOKENS)).abs().max().item() < 1e-4
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("config", ["gqa", "mha"])
+def test_exported_adapter_loads_in_peft(tmp_path, config):
+    peft = pytest.importorskip("peft")
+    ours, hf, largs = pair(ALL, config=config)
+    export_peft(ours, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    assert (logits(ours, TOKENS) - logits(pm, TOKENS)).abs().max().item() < 1e-4
+
+
+def test_b_zero_equals_base_and_only_adapters_train():
+    ours, _, _ = pair()
+    base = Transformer(ours.args).eval()
+    base.load_state_dict({k.replace(".base.", "."): v for k, v in ours.state_dict().items() if "lora_" not in k})
+    with torch.no_grad():
+        for m in lora_modules(ours).values():
+            m.lora_B.zero_()
+    assert torch.equal(logits(ours, TOKENS), logits(base, TOKENS))
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
+    assert len(trainable) == 2 * (2 * 7 + 1)  # 7 linears per layer, 2 layers, plus output
+
+
+def test_init_is_kaiming_a_and_zero_b():
+    lin = torch.nn.Linear(64, 32, bias=False)
+    m = LoRALinear(lin, r=4, alpha=8, dropout=0.1)
+    bound = 1 / 64 ** 0.5  # kaiming_uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as nn.Linear
+    assert m.lora_A.abs().max() <= bound and m.lora_A.std() > bound / 3
+    assert not m.lora_B.any() and m.scale == 2.0 and not m.base.weight.requires_grad
+    assert LoRALinear(lin, r=4, alpha=8, rslora=True).scale == 4.0
+
+
+def test_merge_unmerge_round_trip():
+    ours, _, _ = pair()
+    before = logits(ours, TOKENS)
+    merge_lora(ours)
+    assert all(m.merged for m in lora_modules(ours).values())
+    torch.testing.assert_close(logits(ours, TOKENS), before, atol=1e-5, rtol=1e-5)
+    unmerge_lora(ours)
+    torch.testing.assert_close(logits(ours, TOKENS), before, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_unties_a_tied_output():
+    ours, _, _ = pair(("wq", "output"), config="tied")
+    before, emb = logits(ours, TOKENS), ours.tok_embeddings.weight.clone()
+    merge_lora(ours)
+    assert torch.equal(ours.tok_embeddings.weight, emb) and not ours.args.tie_embeddings
+    torch.testing.assert_close(logits(ours, TOKENS), before, atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path):
+    ours, _, largs = pair(("wq", "wk", "w3"))
+    save_adapter(ours, largs, ours.args, tmp_path / "a")
+    state = lora_state_dict(ours)
+    assert len(state) == 12 and all(v.abs().sum() > 0 for k, v in state.items())  # never saved empty
+    fresh = Transformer(ours.args).eval()
+    fresh.load_state_dict({k.replace(".base.", "."): v for k, v in ours.state_dict().items() if "lora_" not in k})
+    assert load_adapter(fresh, tmp_path / "a") == largs
+    assert torch.equal(logits(fresh, TOKENS), logits(ours, TOKENS))
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown LoRA target.*'wqq'"):
+        LoraArgs(targets=("wq", "wqq"))
+    with pytest.raises(ValueError, match="r=0"):
+        LoraArgs(r=0)
+    ours, _, largs = pair()
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(ours, largs)
+    save_adapter(ours, largs, ours.args, tmp_path / "a")
+    other = Transformer(ModelArgs(**CONFIGS["mha"]))
+    with pytest.raises(ValueError, match="another model.*n_heads: adapter 8 vs model 4"):
+        load_adapter(other, tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(other, tmp_path / "missing")
+
+
+def test_merge_cli_writes_a_merged_checkpoint(tmp_path):
+    if not hasattr(checkpoint, "save_model") or not hasattr(checkpoint, "load_model"):
+        pytest.skip("checkpoint.save_model / load_model not written yet")
+    ours, _, largs = pair(("wq", "wk"))
+    base = Transformer(ours.args)
+    base.load_state_dict({k.replace(".base.", "."): v for k, v in ours.state_dict().items() if "lora_" not in k})
+    checkpoint.save_model(base, tmp_path / "base", format="meta")
+    (tmp_path / "base" / "tokenizer.json").write_text("{}")  # merge copies the base's tokenizer files
+    save_adapter(ours, largs, ours.args, tmp_path / "adapter")
+    for fmt in ("meta", "hf"):
+        main(["merge", "--checkpoint", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+              "--out", str(tmp_path / fmt), "--format", fmt])
+        merged = checkpoint.load_model(str(tmp_path / fmt)).eval()
+        assert (tmp_path / fmt / "tokenizer.json").is_file()
+        torch.testing.assert_close(logits(merged, TOKENS), logits(ours, TOKENS), atol=1e-4, rtol=1e-4)
