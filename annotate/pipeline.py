@@ -22,6 +22,7 @@ from pathlib import Path
 from annotate import prompts
 from annotate.schema import ANNOTATION_SCHEMA, CLEAN_SCHEMA, EXTRACT_SCHEMA, SENTIMENT_SCHEMA
 from llm import LLM, LLMArgs, LLMOutputError, validate
+from scrape.corpus import read_articles
 
 
 @dataclass
@@ -43,30 +44,6 @@ class AnnotateArgs:
             raise ValueError(f"max_chars={self.max_chars} is too small to hold an article; use >= 200")
         if self.max_tokens < 16:
             raise ValueError(f"max_tokens={self.max_tokens} leaves no room to reason; use >= 16")
-
-
-def read_articles(path: str | Path) -> list[dict]:
-    """Articles from a JSONL file, first occurrence of each URL; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no articles at {path}; run `make scrape` or pass --articles data/sample_news.jsonl")
-    articles, seen = [], set()
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                article = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one article") from e
-            for key in ("url", "text"):
-                if not isinstance(article.get(key), str) or not article[key].strip():
-                    raise ValueError(f"{path}:{n}: article needs a non-empty string {key!r} "
-                                     f"(the articles.jsonl schema: url, source, title, published, author, text, ...)")
-            if article["url"] not in seen:
-                seen.add(article["url"])
-                articles.append(article)
-    return articles
 
 
 def split_paragraphs(text: str, max_chars: int) -> list[str]:

@@ -39,6 +39,30 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
 
 
+def read_articles(path: str | Path) -> list[dict]:
+    """The articles of an articles.jsonl (first occurrence of each URL); errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no articles at {path}; run `make scrape` or pass --articles data/sample_news.jsonl")
+    articles, seen = [], set()
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                article = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one article") from e
+            for key in ("url", "text"):
+                if not isinstance(article, dict) or not isinstance(article.get(key), str) or not article[key].strip():
+                    raise ValueError(f"{path}:{n}: article needs a non-empty string {key!r} "
+                                     f"(the articles.jsonl schema: {', '.join(FIELDS)})")
+            if article["url"] not in seen:
+                seen.add(article["url"])
+                articles.append(article)
+    return articles
+
+
 class Corpus:
     """Append-only JSONL of articles with the sets of known URLs and text hashes."""
 

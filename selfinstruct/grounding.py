@@ -1,7 +1,8 @@
 """Step 4, domain grounding: instructions whose input is one of our news articles (`articles.jsonl`).
 
-    from selfinstruct.grounding import ground, load_articles, excerpt
-    ground(llm, out / "grounded.jsonl", load_articles(path), kinds=("qa", "extract", "sentiment", "summary"))
+    from scrape.corpus import read_articles
+    from selfinstruct.grounding import excerpt, ground
+    ground(llm, out / "grounded.jsonl", read_articles(path), kinds=("qa", "extract", "sentiment", "summary"))
 
 Four kinds per article: a question answered in the text (with the sentence that proves it), extraction of coins,
 organisations and amounts into JSON, sentiment with a reason, and a summary for a trader. The model answers in
@@ -66,26 +67,6 @@ SCHEMAS = {
                                  "reason": _STR}},
     "summary": {"type": "object", "required": ["summary"], "properties": {"summary": _STR}},
 }
-
-
-def load_articles(path: Path) -> list[dict]:
-    """Articles from the scrape stage's JSONL (each needs url and text; title is optional)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no articles at {path}; run `make scrape` or pass --articles PATH")
-    articles = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            a = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from e
-        if not isinstance(a.get("url"), str) or not isinstance(a.get("text"), str):
-            raise ValueError(f"{path}:{lineno}: an article needs string fields 'url' and 'text'")
-        if a["text"].strip():
-            articles.append(a)
-    return articles
 
 
 def excerpt(article: dict, max_chars: int) -> str:

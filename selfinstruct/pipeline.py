@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm import LLM, LLMArgs
+from scrape.corpus import read_articles
 from selfinstruct.bootstrap import bootstrap
-from selfinstruct.grounding import KINDS, ground, load_articles
+from selfinstruct.grounding import KINDS, ground
 from selfinstruct.instances import classify, generate_instances
 from selfinstruct.prepare import SOURCES, domain_records, load_general, prepare
 from selfinstruct.seeds import CRYPTO_SEEDS, SEED_URL, human_seed_tasks, load_seed_tasks
@@ -127,7 +128,7 @@ def run(args: SelfInstructArgs, llm: LLM) -> dict:
     instance_rows = generate_instances(llm, out / "instances.jsonl", seeds, labels, chat=args.chat)
     grounded = []
     if args.articles is not None:
-        articles = load_articles(args.articles)
+        articles = read_articles(args.articles)
         articles = articles[: args.max_articles] if args.max_articles else articles
         grounded = ground(llm, out / "grounded.jsonl", articles, args.ground_tasks, args.article_chars)
     domain, removed = domain_records(instance_rows, grounded, seeds if args.include_seeds else [],

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from annotate import pipeline
-from annotate.pipeline import AnnotateArgs, annotate_file, read_articles, split_paragraphs
+from annotate.pipeline import AnnotateArgs, annotate_file, split_paragraphs
 from annotate.schema import ANNOTATION_SCHEMA, EVENT_TYPES, SENTIMENTS
 from llm import LLMArgs, LLMRequestError, validate
 from tests.fakeopenai import FakeOpenAI, chat_response, error_response
@@ -196,21 +196,6 @@ def test_cli(tmp_path, capsys):
     assert "articles 2, skipped 0, annotated 2, failed 0" in out and "4 requests" in out
     with pytest.raises(SystemExit):
         pipeline.main(["--limit", "-1"])
-
-
-def test_read_articles_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="make scrape"):
-        read_articles(tmp_path / "missing.jsonl")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"url": "u1", "text": "t"}\n{"url": "u2"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: article needs a non-empty string 'text'"):
-        read_articles(bad)
-    bad.write_text('{"url": "u1", "text": "t"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        read_articles(bad)
-    dup = tmp_path / "dup.jsonl"
-    dup.write_text('{"url": "u", "text": "a"}\n\n{"url": "u", "text": "b"}\n')
-    assert [a["text"] for a in read_articles(dup)] == ["a"]
 
 
 def test_extract_check_wants_iso_dates():

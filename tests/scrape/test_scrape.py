@@ -9,7 +9,7 @@ import pytest
 
 import scrape.__main__ as scrape_main
 from scrape.__main__ import ScrapeArgs, main, scrape
-from scrape.corpus import FIELDS, Corpus, canonical_url, text_sha256
+from scrape.corpus import FIELDS, Corpus, canonical_url, read_articles, text_sha256
 from scrape.feeds import parse_date, parse_feed, parse_sitemap
 from scrape.http import HttpArgs
 from scrape.sources import SOURCES, Source
@@ -236,3 +236,18 @@ def test_cli_rejects_bad_arguments(argv, capsys):
         main(argv)
     assert e.value.code == 2
     assert argv[0].lstrip("-").replace("-", "_") in capsys.readouterr().err
+
+
+def test_read_articles_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make scrape"):
+        read_articles(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"url": "u1", "text": "t"}\n{"url": "u2"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: article needs a non-empty string 'text'"):
+        read_articles(bad)
+    bad.write_text('{"url": "u1", "text": "t"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        read_articles(bad)
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"url": "u", "text": "a"}\n\n{"url": "u", "text": "b"}\n')
+    assert [a["text"] for a in read_articles(dup)] == ["a"]

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from selfinstruct.grounding import SCHEMAS, check, excerpt, load_articles, to_record
+from selfinstruct.grounding import SCHEMAS, check, excerpt, to_record
 
 TEXT = ("Bitcoin rose 5 percent on Tuesday after record inflows into spot ETFs. BlackRock's fund took in most of it. "
         "Analysts said BTC could test its previous high.")
@@ -47,12 +47,3 @@ def test_excerpt_cuts_at_a_sentence_and_keeps_the_title():
     article = {"url": "u", "title": "Title", "text": "First sentence here. " * 50}
     text = excerpt(article, 200)
     assert text.startswith("Title\n\n") and text.endswith(".") and len(text) <= 200 + len("Title\n\n")
-
-
-def test_load_articles_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="make scrape"):
-        load_articles(tmp_path / "missing.jsonl")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"url": "u", "text": "t"}\n{"url": "u2"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*'text'"):
-        load_articles(bad)
