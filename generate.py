@@ -1,0 +1,443 @@
+"""Batched text generation with a static KV cache: greedy, temperature, top-k and top-p sampling; repetition, presence
+and frequency penalties; stop strings and stop tokens; streaming; and ranking fixed answers by log-likelihood.
+
+    python generate.py --prompt "Bitcoin is"                                   # the embedded SmolLM2, greedy
+    python generate.py --prompt "What moved ETH today?" --chat --temperature 0.7 --top-p 0.9
+    python generate.py --prompt "..." --checkpoint out/merged --adapter out/adapter --max-new-tokens 64
+
+    from generate import Generator, GenerateArgs
+    gen = Generator.from_checkpoint()                                          # or Generator(model, tokenizer)
+    [res] = gen.generate(["Bitcoin is"], GenerateArgs(max_new_tokens=32))     # res.text, res.finish_reason
+    logp = gen.score_options(prompts, ["negative", "neutral", "positive"])     # (n_prompts, 3) summed log-probs
+
+Prompts of different lengths share one batch: they are left-padded, the padding gets document id 0 (the model's
+attention skips it) and each row keeps its own RoPE positions, so every row decodes as it would alone. A row that
+finishes leaves the batch, so it stops costing work.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from cli import parse_args
+
+# on_text(row, new_text, result): result is None until the row's last call, which passes its Result
+OnText = Callable[[int, str, "Result | None"], None]
+
+
+@dataclass
+class GenerateArgs:
+    max_new_tokens: int = field(default=256, metadata={"help": "most tokens to generate per prompt"})
+    temperature: float = field(default=0.0, metadata={"help": "softmax temperature; 0 = greedy"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = all"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: smallest set with this probability mass"})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "divide positive / multiply negative logits of tokens already in prompt or output (CTRL); 1 = off"})
+    presence_penalty: float = field(default=0.0, metadata={
+        "help": "subtract from the logit of every token already generated (OpenAI), in [-2, 2]"})
+    frequency_penalty: float = field(default=0.0, metadata={
+        "help": "subtract this times the count of each generated token (OpenAI), in [-2, 2]"})
+    stop: tuple[str, ...] = field(default=(), metadata={"help": "comma-separated strings that end the text"})
+    seed: int = field(default=0, metadata={"help": "random seed for sampling (row i of a batch uses seed + i)"})
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = no top-k)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [-2, 2] (OpenAI's range)")
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not s for s in self.stop):
+            raise ValueError(f"stop={self.stop!r} contains an empty string")
+
+
+@dataclass
+class Result:
+    text: str  # the completion, without the stop token or stop string
+    token_ids: list[int]  # every sampled token, including the one that ended the row
+    finish_reason: str  # "stop" (stop token or stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
+             repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Penalised logits (B, V). seen (B, V) bool marks prompt + output tokens, counts (B, V) the output tokens.
+    Repetition (Keskar et al. 2019, CTRL; as transformers): a seen token's logit is divided by the penalty when
+    positive, multiplied when negative. Presence/frequency (OpenAI):
+    logit -= presence * (count > 0) + frequency * count."""
+    if seen is not None:
+        pen = repetition[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+    if counts is not None:
+        logits = logits - presence[:, None] * (counts > 0) - frequency[:, None] * counts
+    return logits
+
+
+def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) with -inf outside each row's support: its top_k most likely tokens (0 = all), then the smallest
+    set of most likely tokens whose probability reaches top_p (Holtzman et al. 2019; ties as transformers)."""
+    if (top_k > 0).any():
+        kmax = int(top_k.max())
+        kth = logits.topk(kmax, dim=-1).values.gather(1, (torch.where(top_k > 0, top_k, kmax) - 1)[:, None])
+        logits = logits.masked_fill((logits < kth) & (top_k > 0)[:, None], float("-inf"))
+    if (top_p < 1).any():
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of the more likely tokens
+        drop = (mass_before >= top_p[:, None]) & (top_p < 1)[:, None]
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def select_cache_rows(model, rows: torch.Tensor) -> None:
+    """Make row i of the model's KV cache a copy of old row rows[i]: drops finished rows, or repeats one prefix."""
+    for layer in model.layers:
+        cache = layer.attention.cache
+        cache.k, cache.v = cache.k[rows], cache.v[rows]
+    model._cache_docs = model._cache_docs[rows]
+
+
+def left_pad(seqs: list[list[int]], start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(tokens, doc_ids, positions) of sequences left-padded to one length; doc id 0 marks padding and positions
+    count from `start` within each row. doc_ids and positions are None when all lengths are equal (no mask needed)."""
+    T = max(map(len, seqs))
+    tokens = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+    if all(len(s) == T for s in seqs):
+        return tokens, None, None
+    docs = (torch.arange(T)[None, :] >= torch.tensor([T - len(s) for s in seqs])[:, None]).long()
+    return tokens, docs, start + (docs.cumsum(1) - 1).clamp(min=0)
+
+
+class _Row:
+    """One prompt's decoding state: sampled ids, incrementally decoded text, stop checks, what has been streamed."""
+
+    def __init__(self, tokenizer, args: GenerateArgs, prompt_tokens: int, budget: int, seed: int):
+        self.tok, self.args, self.prompt_tokens, self.budget = tokenizer, args, prompt_tokens, budget
+        self.gen = torch.Generator().manual_seed(seed) if args.temperature > 0 else None
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of text already streamed
+        self._start = self._done = 0  # ids[_start:_done] were decoded last time: context for the next decode
+        self.finish_reason: str | None = None
+
+    def push(self, token: int) -> str:
+        """Add a sampled token; return the text that is now safe to stream (finish_reason is set on the last one)."""
+        self.ids.append(token)
+        if token in self.tok.stop_ids:
+            self.finish_reason = "stop"
+        else:
+            # decode with a little context so SentencePiece spaces and multi-byte characters come out right; an
+            # incomplete UTF-8 sequence decodes to U+FFFD, so wait for the token that completes it
+            new = self.tok.decode(self.ids[self._start:])
+            if not new.endswith("\ufffd"):
+                old = self.tok.decode(self.ids[self._start:self._done])
+                self._start, self._done = self._done, len(self.ids)
+                before = len(self.text)
+                self.text += new[len(old):]
+                if self._find_stop(before):
+                    return self._flush()
+            if len(self.ids) >= self.budget:
+                self.finish_reason = "length"
+        if self.finish_reason:
+            ended_by_token = self.finish_reason == "stop"
+            self.text = self.tok.decode(self.ids[:-1] if ended_by_token else self.ids)  # pending bytes included
+            self._find_stop(self.sent)
+            return self._flush()
+        return self._flush(self.text[:len(self.text) - self._held()])
+
+    def _find_stop(self, since: int) -> bool:
+        """Cut the text at the first stop string that ends after `since` characters."""
+        if not self.args.stop:
+            return False
+        lo = max(0, since - max(map(len, self.args.stop)) + 1)
+        hits = [i for i in (self.text.find(s, lo) for s in self.args.stop) if i >= 0]
+        if hits:
+            self.text, self.finish_reason = self.text[:min(hits)], "stop"
+        return bool(hits)
+
+    def _held(self) -> int:
+        """Length of the longest text suffix that could still grow into a stop string (not streamed yet)."""
+        return max((n for s in self.args.stop for n in range(min(len(s) - 1, len(self.text)), 0, -1)
+                    if self.text.endswith(s[:n])), default=0)
+
+    def _flush(self, upto: str | None = None) -> str:
+        upto = self.text if upto is None else upto
+        out = upto[self.sent:]
+        self.sent = max(self.sent, len(upto))
+        return out
+
+    def result(self) -> Result:
+        return Result(self.text, self.ids, self.finish_reason, self.prompt_tokens, len(self.ids))
+
+
+class Generator:
+    """A model and its tokenizer, ready to generate text and score options."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model.eval(), tokenizer
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint=None, adapter=None, dtype=None, device="cpu") -> Generator:
+        """Load a checkpoint (None = the embedded SmolLM2) and its tokenizer, with an optional LoRA adapter."""
+        from checkpoint import load_model, load_tokenizer
+
+        model = load_model(checkpoint, dtype=dtype, device=device)
+        if adapter is not None:
+            from lora import load_adapter  # only adapters need lora.py
+
+            load_adapter(model, adapter)
+        return cls(model, load_tokenizer(checkpoint))
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        """Prompt ids; a chat string carries its own special tokens, a plain prompt gets BOS if the model wants it."""
+        return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos and not chat)
+
+    def chat(self, conversations: list[list[dict]], args: GenerateArgs | list[GenerateArgs],
+             on_text: OnText | None = None) -> list[Result]:
+        """Replies to conversations ([{"role": ..., "content": ...}]) in the tokenizer's chat template."""
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        return self.generate_ids([self.encode(p, chat=True) for p in prompts], args, on_text)
+
+    def generate(self, prompts: list[str], args: GenerateArgs | list[GenerateArgs],
+                 on_text: OnText | None = None) -> list[Result]:
+        """Complete prompts in one batch; `args` applies to every row, or give one per row."""
+        return self.generate_ids([self.encode(p) for p in prompts], args, on_text)
+
+    @torch.inference_mode()
+    def generate_ids(self, prompts: list[list[int]], args: GenerateArgs | list[GenerateArgs],
+                     on_text: OnText | None = None) -> list[Result]:
+        """Complete token-id prompts. Row i samples from its own generator seeded with args.seed + i (or, with one
+        GenerateArgs per row, with that row's seed), so its sample does not depend on the rest of the batch."""
+        per_row = isinstance(args, (list, tuple))
+        row_args = list(args) if per_row else [args] * len(prompts)
+        if len(row_args) != len(prompts):
+            raise ValueError(f"got {len(row_args)} GenerateArgs for {len(prompts)} prompts")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: give at least one token")
+        if not prompts:
+            return []
+        model, max_len = self.model, self.model.args.max_seq_len
+        T = max(map(len, prompts))
+        if T >= max_len:
+            raise ValueError(f"a prompt of {T} tokens leaves no room to generate (max_seq_len={max_len})")
+        rows = [_Row(self.tokenizer, a, len(p), min(a.max_new_tokens, max_len - T), a.seed if per_row else a.seed + i)
+                for i, (p, a) in enumerate(zip(prompts, row_args))]
+        state = _SamplingState(rows, prompts, model.args.vocab_size)
+        tokens, docs, positions = left_pad(prompts)
+        live = list(range(len(rows)))  # row index of each batch row
+        lens = torch.tensor([len(p) for p in prompts])
+        device = model.tok_embeddings.weight.device
+        model.setup_cache(len(rows), T + max(r.budget for r in rows))
+        try:
+            logits = model(tokens.to(device), positions=_to(positions, device), doc_ids=_to(docs, device),
+                           last_only=True)[:, -1]
+            for step in range(max(r.budget for r in rows)):
+                nxt = state.sample(logits)
+                done = []
+                for j, (i, tok) in enumerate(zip(live, nxt.tolist())):
+                    text = rows[i].push(tok)
+                    if on_text is not None and (text or rows[i].finish_reason):
+                        on_text(i, text, rows[i].result() if rows[i].finish_reason else None)
+                    if rows[i].finish_reason:
+                        done.append(j)
+                if len(done) == len(live):
+                    break
+                if done:  # finished rows leave the batch: later steps compute only the live ones
+                    keep = torch.tensor([j for j in range(len(live)) if j not in done])
+                    live = [live[j] for j in keep.tolist()]
+                    nxt, lens = nxt[keep], lens[keep]
+                    state.keep(keep)
+                    select_cache_rows(model, keep.to(device))
+                pos = None if docs is None else (lens + step)[:, None].to(device)
+                logits = model(nxt[:, None].to(device), start_pos=T + step, positions=pos, last_only=True)[:, -1]
+        finally:
+            model.clear_cache()
+        return [r.result() for r in rows]
+
+    @torch.inference_mode()
+    def score_options(self, prompts: str | list[str], options: list[str], batch_tokens: int = 4096) -> torch.Tensor:
+        """Summed log-probabilities (n_prompts, n_options) of each option's tokens following each prompt.
+
+        An option's tokens are those of prompt + option after the prompt's own tokens (as lm-evaluation-harness), so
+        write options as they continue the prompt (" positive" after "Sentiment:"). The prompts' longest common
+        token prefix is computed once per batch; options of one token are read from the last prompt position."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not options or any(not o for o in options):
+            raise ValueError(f"options={options!r} must be non-empty strings")
+        ctx = [self.encode(p) for p in prompts]
+        opts = []  # opts[i][o]: token ids of option o after prompt i
+        for i, (p, c) in enumerate(zip(prompts, ctx)):
+            if not c:
+                raise ValueError(f"prompt {i} is empty: give at least one token")
+            opts.append([self.encode(p + o)[len(c):] for o in options])
+            if not all(opts[-1]):
+                raise ValueError(f"an option of {options!r} adds no tokens after prompt {i}")
+        prefix = _common_prefix(ctx) if len(ctx) > 1 else 0
+        out = torch.empty(len(prompts), len(options))
+        order = sorted(range(len(ctx)), key=lambda i: -len(ctx[i]))  # similar lengths share a batch: less padding
+        start = 0
+        while start < len(order):
+            width = len(ctx[order[start]]) - prefix  # the longest remainder in this batch (sorted: the first)
+            n = max(1, min(len(order) - start, batch_tokens // width))
+            batch = order[start:start + n]
+            out[batch] = self._score_batch([ctx[i] for i in batch], [opts[i] for i in batch], prefix)
+            start += n
+        return out
+
+    def _score_batch(self, ctx: list[list[int]], opts: list[list[list[int]]], prefix: int) -> torch.Tensor:
+        model, device = self.model, self.model.tok_embeddings.weight.device
+        n, n_opt = len(ctx), len(opts[0])
+        rest = [c[prefix:] for c in ctx]
+        T = max(map(len, rest))
+        longest = max(len(t) for o in opts for t in o)
+        if prefix:  # the shared prefix runs once, then its keys and values are copied to every row
+            model.setup_cache(1, prefix + T + longest)
+            model(torch.tensor([ctx[0][:prefix]], device=device), last_only=True)
+            select_cache_rows(model, torch.zeros(n, dtype=torch.long, device=device))
+        else:
+            model.setup_cache(n, T + longest)
+        try:
+            tokens, docs, positions = left_pad(rest, start=prefix)
+            if positions is None and prefix:
+                positions = prefix + torch.arange(T).expand(n, T)
+            logp = model(tokens.to(device), start_pos=prefix, positions=_to(positions, device),
+                         doc_ids=_to(docs, device), last_only=True)[:, -1].log_softmax(-1).cpu()  # (n, V)
+            first = torch.tensor([[t[0] for t in o] for o in opts])  # (n, n_opt)
+            scores = logp.gather(1, first)
+            if longest > 1:  # the options' later tokens: each prompt row repeated once per option
+                select_cache_rows(model, torch.arange(n, device=device).repeat_interleave(n_opt))
+                flat = [t for o in opts for t in o]  # row r = prompt r // n_opt, option r % n_opt
+                follow = torch.zeros(len(flat), longest - 1, dtype=torch.long)
+                target = torch.zeros_like(follow)
+                for r, t in enumerate(flat):
+                    follow[r, :len(t) - 1] = torch.tensor(t[:-1])
+                    target[r, :len(t) - 1] = torch.tensor(t[1:])
+                lens = torch.tensor([len(c) for c in ctx]).repeat_interleave(n_opt)
+                pos = lens[:, None] + torch.arange(longest - 1)
+                lp = model(follow.to(device), start_pos=prefix + T, positions=pos.to(device)).log_softmax(-1).cpu()
+                real = torch.arange(longest - 1)[None, :] < torch.tensor([len(t) - 1 for t in flat])[:, None]
+                more = (lp.gather(2, target[..., None])[..., 0] * real).sum(1)
+                scores = scores + more.view(n, n_opt)
+        finally:
+            model.clear_cache()
+        return scores
+
+
+class _SamplingState:
+    """Per-row sampling parameters and token counts of the live batch rows, as tensors."""
+
+    def __init__(self, rows: list[_Row], prompts: list[list[int]], vocab_size: int):
+        self.rows = rows
+        a = [r.args for r in rows]
+        self.temperature = torch.tensor([x.temperature for x in a])
+        self.top_k = torch.tensor([x.top_k for x in a])
+        self.top_p = torch.tensor([x.top_p for x in a])
+        self.repetition = torch.tensor([x.repetition_penalty for x in a])
+        self.presence = torch.tensor([x.presence_penalty for x in a])
+        self.frequency = torch.tensor([x.frequency_penalty for x in a])
+        self.live = torch.arange(len(rows))
+        self.hot = (self.temperature > 0).nonzero()[:, 0]  # batch rows that sample (the others are greedy)
+        self.seen = self.counts = None
+        if (self.repetition != 1).any():
+            self.seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool)
+            for i, p in enumerate(prompts):
+                self.seen[i, p] = True
+        if (self.presence != 0).any() or (self.frequency != 0).any():
+            self.counts = torch.zeros(len(rows), vocab_size)
+
+    def keep(self, keep: torch.Tensor) -> None:
+        for name in ("temperature", "top_k", "top_p", "repetition", "presence", "frequency", "live"):
+            setattr(self, name, getattr(self, name)[keep])
+        self.hot = (self.temperature > 0).nonzero()[:, 0]
+        self.seen = None if self.seen is None else self.seen[keep]
+        self.counts = None if self.counts is None else self.counts[keep]
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next token of every live row from its last logits (B, V); also records them for the penalties."""
+        logits = logits.float().cpu()
+        if self.seen is not None or self.counts is not None:
+            logits = penalize(logits, self.seen, self.counts, self.repetition, self.presence, self.frequency)
+        nxt = logits.argmax(-1)
+        hot = self.hot
+        if len(hot):
+            warped = top_k_top_p(logits[hot] / self.temperature[hot, None], self.top_k[hot], self.top_p[hot])
+            probs = warped.softmax(-1)
+            for j, b in enumerate(hot.tolist()):
+                nxt[b] = torch.multinomial(probs[j], 1, generator=self.rows[int(self.live[b])].gen)[0]
+        if self.seen is not None:
+            self.seen[torch.arange(len(nxt)), nxt] = True
+        if self.counts is not None:
+            self.counts[torch.arange(len(nxt)), nxt] += 1
+        return nxt
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest common prefix, leaving at least one token of every sequence after it."""
+    n = min(map(len, seqs)) - 1
+    for s in seqs[1:]:
+        n = next((k for k in range(n) if s[k] != seqs[0][k]), n)
+    return n
+
+
+def _to(x: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if x is None else x.to(device)
+
+
+@dataclass
+class CliArgs:
+    prompt: str = field(default="", metadata={"help": "the text to complete (or the user message with --chat)",
+                                              "required": True})
+    checkpoint: str | None = field(default=None, metadata={"help": "model path (Meta, HF or GGUF); none = embedded"})
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder to apply"})
+    chat: bool = field(default=False, metadata={"help": "wrap the prompt in the model's chat template"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype",
+                                                    "choices": ["float32", "bfloat16", "float16"]})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (all cores)"})
+
+    def __post_init__(self):
+        if not self.prompt:
+            raise ValueError("prompt is empty: pass --prompt \"some text\"")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} must be >= 0")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cargs, gargs = parse_args(argv, CliArgs, GenerateArgs, description=__doc__)
+    if cargs.threads:
+        torch.set_num_threads(cargs.threads)
+    gen = Generator.from_checkpoint(cargs.checkpoint, adapter=cargs.adapter, dtype=getattr(torch, cargs.dtype),
+                                    device=cargs.device)
+
+    def show(row: int, text: str, result: Result | None) -> None:
+        print(text, end="", flush=True)
+
+    t0 = time.perf_counter()
+    if cargs.chat:
+        [res] = gen.chat([[{"role": "user", "content": cargs.prompt}]], gargs, on_text=show)
+    else:
+        [res] = gen.generate([cargs.prompt], gargs, on_text=show)
+    dt = time.perf_counter() - t0
+    print()
+    print(f"[{res.completion_tokens} tokens in {dt:.2f} s, {res.completion_tokens / dt:.1f} tokens/s, "
+          f"finish_reason={res.finish_reason}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Retrieval: chunk articles, embed them, search a numpy cosine index, answer questions from it."""

@@ -1,0 +1,278 @@
+"""generate.py: batched decoding equals rows alone and full forwards, sampling filters and penalties against
+transformers' logits processors, stops, streaming of multi-byte text, seeds, option scoring, and the CLI."""
+import pytest
+import torch
+
+from generate import GenerateArgs, Generator, _Row, main, penalize, top_k_top_p
+from model import ModelArgs, Transformer
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (ids 3..258), bos 1, eos 2: small, and multi-byte characters span several tokens."""
+    bos_id, eos_id, pad_id, vocab_size, add_bos, chat_template = 1, 2, 0, 259, True, "chatml"
+
+    def __init__(self, stop_ids=(2,)):
+        self.stop_ids = set(stop_ids)
+
+    def encode(self, text, bos=False, eos=False):
+        return [1] * bos + [b + 3 for b in text.encode()] + [2] * eos
+
+    def decode(self, ids):
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>" * add_generation_prompt
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # these models are tiny: a second thread gains nothing and, on a loaded machine, costs an OpenMP barrier per op
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(2)
+
+
+def ids_of(text: str) -> list[int]:
+    return ByteTokenizer().encode(text)
+
+
+def tiny_generator(seed=0, allowed: str | None = None, stop_ids=(2,), **kw) -> Generator:
+    """A random tiny LLaMA over bytes. With `allowed`, it only ever prefers those characters' tokens (their output
+    rows are scaled up, all others zeroed), so its text is readable and stop strings can be picked from it."""
+    torch.manual_seed(seed)
+    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=259, max_seq_len=256)
+    model = Transformer(ModelArgs(**{**args, **kw})).eval()
+    if allowed is not None:
+        keep = torch.zeros(259, dtype=torch.bool)
+        keep[ids_of(allowed)] = True
+        with torch.no_grad():
+            model.output.weight[~keep] = 0
+            model.output.weight[keep] *= 20
+    return Generator(model, ByteTokenizer(stop_ids))
+
+
+def greedy_alone(gen: Generator, prompt: list[int], n: int) -> list[int]:
+    """Reference greedy decoding: argmax of a full forward (no cache) over the whole sequence, token by token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(gen.model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_cached_decoding_equals_argmax_of_full_forwards():
+    gen = tiny_generator()
+    prompt = ids_of("The market")
+    [res] = gen.generate_ids([prompt], GenerateArgs(max_new_tokens=20))
+    assert res.finish_reason == "length" and res.completion_tokens == 20
+    assert res.token_ids == greedy_alone(gen, prompt, 20)
+
+
+def test_batched_mixed_lengths_equal_each_prompt_alone():
+    gen = tiny_generator(seed=1)
+    prompts = ["a", "Bitcoin rose", "ETH fell 5% on Monday", "hi"]
+    args = [GenerateArgs(max_new_tokens=n) for n in (12, 3, 12, 7)]  # rows leave the batch at different steps
+    sizes = []  # rows in each forward: finished rows must leave the batch
+    hook = gen.model.tok_embeddings.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+    batched = gen.generate(prompts, args)
+    hook.remove()
+    # prefill + a forward per token but the last (12 tokens): rows 1 and 3 leave after their 3rd and 7th token
+    assert sizes == [4] * 3 + [3] * 4 + [2] * 5
+    for p, a, r in zip(prompts, args, batched):
+        [alone] = gen.generate([p], a)
+        assert r.token_ids == alone.token_ids and r.text == alone.text
+        assert r.token_ids == greedy_alone(gen, gen.encode(p), a.max_new_tokens)
+        assert r.prompt_tokens == len(p.encode()) + 1  # + BOS
+
+
+def test_eos_ends_a_row_and_is_not_in_the_text():
+    gen = tiny_generator(seed=0)
+    free = gen.generate_ids([ids_of("news")], GenerateArgs(max_new_tokens=16))[0].token_ids
+    k = next(k for k in range(3, 16) if free[k] not in free[:k])  # a token first sampled at step k
+    gen.tokenizer.stop_ids = {2, free[k]}
+    [res] = gen.generate_ids([ids_of("news")], GenerateArgs(max_new_tokens=16))
+    assert res.finish_reason == "stop" and res.token_ids == free[:k + 1]
+    assert res.text == ByteTokenizer().decode(free[:k])
+
+
+def test_stop_strings_trim_the_text_and_streaming_matches():
+    gen = tiny_generator(seed=3, allowed="abcdefgh ")
+    prompts = ["abc", "hello there"]
+    free = gen.generate(prompts, GenerateArgs(max_new_tokens=30))
+    stop = free[1].text[10:13]  # three characters from the middle of row 1's text
+    cut = free[1].text.index(stop)
+    streamed = {0: [], 1: []}
+    finished = {}
+
+    def on_text(row, text, result):
+        assert row not in finished, "no text after a row's final call"
+        streamed[row].append(text)
+        if result is not None:
+            finished[row] = result.finish_reason
+
+    res = gen.generate(prompts, GenerateArgs(max_new_tokens=30, stop=(stop, "zzz")), on_text=on_text)
+    assert res[1].text == free[1].text[:cut] and res[1].finish_reason == "stop"
+    assert stop not in res[0].text
+    for i in (0, 1):
+        assert "".join(streamed[i]) == res[i].text and finished[i] == res[i].finish_reason
+
+
+def test_streaming_multibyte_text_never_splits_a_character():
+    text = "Ether €3,000 — up 5%! 🚀 ok"
+    row = _Row(ByteTokenizer(), GenerateArgs(stop=("ok",)), prompt_tokens=1, budget=100, seed=0)
+    pieces = [row.push(t) for t in ids_of(text) + [2]]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == "Ether €3,000 — up 5%! 🚀 " == row.text and row.finish_reason == "stop"
+    assert pieces[ids_of(text).index(ids_of("€")[0])] == ""  # the first byte of € waits for the rest
+
+
+def test_seed_reproducibility_and_rows_independent_of_batch():
+    gen = tiny_generator(seed=4)
+    args = GenerateArgs(max_new_tokens=16, temperature=1.0, seed=7)
+    prompts = ["bull", "bear market"]
+    a, b = gen.generate(prompts, args), gen.generate(prompts, args)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    other = gen.generate(prompts, GenerateArgs(max_new_tokens=16, temperature=1.0, seed=8))
+    assert [r.token_ids for r in a] != [r.token_ids for r in other]
+    # row 1 of the batch samples with seed + 1, exactly as the prompt alone with that seed
+    [alone] = gen.generate(["bear market"], GenerateArgs(max_new_tokens=16, temperature=1.0, seed=8))
+    assert alone.token_ids == a[1].token_ids
+
+
+def test_top_k_one_is_greedy_and_sampling_stays_in_support():
+    gen = tiny_generator(seed=5)
+    greedy = gen.generate(["abc", "de"], GenerateArgs(max_new_tokens=10))
+    topk1 = gen.generate(["abc", "de"], GenerateArgs(max_new_tokens=10, temperature=1.5, top_k=1))
+    assert [r.token_ids for r in topk1] == [r.token_ids for r in greedy]
+    # top_p tiny: only the most likely token survives, so sampling is greedy too
+    nucleus = gen.generate(["abc", "de"], GenerateArgs(max_new_tokens=10, temperature=1.0, top_p=1e-6))
+    assert [r.token_ids for r in nucleus] == [r.token_ids for r in greedy]
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("k, p", [(5, 1.0), (0, 0.7), (20, 0.5), (1, 0.9)])
+def test_top_k_top_p_match_transformers(k, p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 100) * 3
+    ours = top_k_top_p(logits, torch.full((4,), k), torch.full((4,), p))
+    ref = logits
+    if k:
+        ref = TopKLogitsWarper(k)(None, ref)
+    if p < 1:
+        ref = TopPLogitsWarper(p)(None, ref)
+    assert torch.equal(ours.isinf(), ref.isinf()) and torch.equal(ours[~ours.isinf()], ref[~ref.isinf()])
+    probs = ours.softmax(-1)
+    assert (probs[ours.isinf()] == 0).all() and torch.allclose(probs.sum(-1), torch.ones(4))
+    if k:
+        assert ((probs > 0).sum(-1) <= k).all()
+    # per-row settings: each row equals the same filter applied alone
+    mixed = top_k_top_p(logits, torch.tensor([k, 0, 3, 0]), torch.tensor([p, 1.0, 1.0, 0.3]))
+    for r, (kr, pr) in enumerate([(k, p), (0, 1.0), (3, 1.0), (0, 0.3)]):
+        assert torch.equal(mixed[r], top_k_top_p(logits[r:r + 1], torch.tensor([kr]), torch.tensor([pr]))[0])
+
+
+@pytest.mark.reference
+def test_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits, ids = torch.randn(2, 50), torch.randint(0, 50, (2, 12))
+    seen = torch.zeros(2, 50, dtype=torch.bool).scatter_(1, ids, True)
+    zero = torch.zeros(2)
+    ours = penalize(logits, seen, None, torch.full((2,), 1.3), zero, zero)
+    torch.testing.assert_close(ours, RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    logits = torch.zeros(1, 5)
+    counts = torch.tensor([[0.0, 1, 3, 0, 2]])
+    out = penalize(logits, None, counts, torch.ones(1), torch.tensor([0.5]), torch.tensor([0.25]))
+    # mu[j] - c[j] * frequency - (c[j] > 0) * presence (OpenAI's "Parameter details")
+    assert out.tolist() == [[0.0, -0.75, -1.25, 0.0, -1.0]]
+
+
+def test_penalties_change_the_next_token_as_defined():
+    gen = tiny_generator(seed=6)
+    prompt = ids_of("aaab")
+    with torch.no_grad():
+        logits = gen.model(torch.tensor([prompt]))[0, -1]
+    first_free = int(logits.argmax())
+    seen = torch.zeros(1, 259, dtype=torch.bool)
+    seen[0, prompt] = True
+    penalised = penalize(logits[None], seen, None, torch.tensor([5.0]), torch.zeros(1), torch.zeros(1))[0]
+    [res] = gen.generate_ids([prompt], GenerateArgs(max_new_tokens=1, repetition_penalty=5.0))
+    assert res.token_ids == [int(penalised.argmax())]
+    # frequency penalty: after the first token, the next step subtracts 2 from that token's logit
+    [res] = gen.generate_ids([prompt], GenerateArgs(max_new_tokens=2, frequency_penalty=2.0))
+    assert res.token_ids[0] == first_free
+    with torch.no_grad():
+        step2 = gen.model(torch.tensor([prompt + [first_free]]))[0, -1]
+    step2[first_free] -= 2.0
+    assert res.token_ids[1] == int(step2.argmax())
+
+
+def full_forward_logprob(gen: Generator, prompt: str, option: str) -> float:
+    ctx = gen.encode(prompt)
+    opt = gen.encode(prompt + option)[len(ctx):]
+    with torch.no_grad():
+        logp = gen.model(torch.tensor([ctx + opt]))[0].log_softmax(-1)
+    return sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(opt))
+
+
+@pytest.mark.parametrize("options", [["x", "y", "z"], [" negative", " neutral", " positive", " n"]])
+def test_score_options_equals_full_forward_log_probs(options):
+    gen = tiny_generator(seed=7)
+    shared = "Classify the sentiment of the tweet. Tweet: "
+    prompts = [shared + t + "\nSentiment:" for t in ("BTC up", "ETH down hard today", "meh", "SOL flat again")]
+    prompts.append("a different prompt without the prefix:")
+    for batch_tokens in (4096, 40):  # one batch; several batches of sorted lengths
+        scores = gen.score_options(prompts, options, batch_tokens=batch_tokens)
+        ref = torch.tensor([[full_forward_logprob(gen, p, o) for o in options] for p in prompts])
+        torch.testing.assert_close(scores, ref, atol=1e-4, rtol=1e-4)
+        assert torch.equal(scores.argmax(1), ref.argmax(1))
+    # a shared prefix across all prompts (the sentiment case) goes through the prefix cache
+    scores = gen.score_options(prompts[:4], options)
+    torch.testing.assert_close(scores, ref[:4], atol=1e-4, rtol=1e-4)
+    one = gen.score_options(prompts[2], options)
+    torch.testing.assert_close(one, ref[2:3], atol=1e-4, rtol=1e-4)
+
+
+def test_bad_inputs_name_the_problem():
+    gen = tiny_generator()
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        gen.generate_ids([[5], []], GenerateArgs())
+    with pytest.raises(ValueError, match="max_seq_len=256"):
+        gen.generate_ids([[5] * 256], GenerateArgs())
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        GenerateArgs(top_p=1.5)
+    with pytest.raises(ValueError, match="options"):
+        gen.score_options(["a"], ["x", ""])
+
+
+def test_cli_streams_a_tiny_saved_checkpoint(tmp_path, smollm2_gguf, capsys):
+    from checkpoint import load_tokenizer, save_model
+
+    vocab = load_tokenizer(smollm2_gguf).vocab_size
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab,
+                                  tie_embeddings=True, max_seq_len=256))
+    save_model(model, tmp_path / "tiny", format="hf", tokenizer_src=smollm2_gguf)
+    main(["--checkpoint", str(tmp_path / "tiny"), "--prompt", "Bitcoin is", "--max-new-tokens", "8"])
+    out = capsys.readouterr()
+    [ref] = Generator.from_checkpoint(tmp_path / "tiny").generate(["Bitcoin is"], GenerateArgs(max_new_tokens=8))
+    assert out.out == ref.text + "\n" and "finish_reason=" in out.err
+    main(["--checkpoint", str(tmp_path / "tiny"), "--prompt", "Hi", "--chat", "--max-new-tokens", "4",
+          "--temperature", "0.8", "--top-k", "20", "--stop", "a,b"])
+    assert "tokens/s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["--prompt", "x", "--top-p", "2"], "top_p=2.0 must be in (0, 1]"),
+                                           (["--prompt", "x", "--max-new-tokens", "many"], "--max-new-tokens"),
+                                           (["--max-new-tokens", "3"], "--prompt"),
+                                           (["--prompt", "x", "--dtype", "int3"], "invalid choice")])
+def test_cli_bad_flags_exit_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
