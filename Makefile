@@ -57,13 +57,13 @@ index: setup
 qa: setup
 	$(PY) -m retrieval.qa --index $(OUT)/index $(ARGS)
 
-# base vs fine-tuned vs retrieval on held-out news -> $(OUT)/eval
+# base vs fine-tuned (ARGS="--adapter DIR"), closed-book vs retrieval, on labelled news -> $(OUT)/eval
 evaluate: setup
-	$(PY) evaluate.py $(ARGS)
+	$(PY) evaluate.py news --out $(OUT)/eval $(ARGS)
 
 # financial sentiment: convert TFNS -> LoRA train -> score on TFNS valid and FPB -> $(OUT)/sentiment
 sentiment: setup
-	$(PY) -m bench.sentiment --out $(OUT)/sentiment $(ARGS)
+	$(PY) evaluate.py sentiment-pipeline --out $(OUT)/sentiment $(ARGS)
 
 # OpenAI-compatible HTTP server on 127.0.0.1:8000
 serve: setup
@@ -83,11 +83,11 @@ smoke: setup
 
 # the test suite (offline, CPU)
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
 
 # the quick subset: everything not marked slow
 test-quick: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # speed ratios against the reference libraries (see BENCHMARKS.md)
 bench: setup

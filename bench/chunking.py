@@ -1,7 +1,7 @@
 """Which chunker and chunk size retrieve answers best: recall@k and MRR on two QA sets, one table.
 
     python -m bench.chunking            # the run in BENCHMARKS.md: MiniLM, 3 chunkers x 64/128/256 words x title
-                                        # on/off (28 min on 2 cores shared with other jobs)
+                                        # on/off (18.5 min on 2 cores shared with other jobs)
     python -m bench.chunking --real-articles 0 --titles off      # all 181 real articles
     python -m bench.chunking --embedder hashing:4096              # quick, no model (~15 s)
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from cli import parse_args
 from retrieval.chunk import Chunk, ChunkArgs, chunk_article
+from scrape.corpus import read_articles
 
 FORMAT = 1
 
@@ -206,23 +207,6 @@ class IndexArgs:
             raise ValueError(f"batch_size={self.batch_size} and save_every={self.save_every} must be >= 1")
 
 
-def read_articles(path: Path) -> list[dict]:
-    """Article records from a JSONL file; each needs a string `text`."""
-    articles = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e}); one article object per line expected") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise ValueError(f"{path}:{n}: an article needs a string 'text' field")
-            articles.append(rec)
-    return articles
-
-
 def build_index(iargs: IndexArgs, cargs: ChunkArgs, progress: bool = False) -> tuple[Index, int, int]:
     """Create or extend the index at iargs.out with the articles not yet in it -> (index, articles, chunks added)."""
     from tqdm import tqdm
@@ -236,7 +220,7 @@ def build_index(iargs: IndexArgs, cargs: ChunkArgs, progress: bool = False) -> t
     else:
         index = Index(iargs.embedder, cargs, iargs.dtype)
     done = index.urls
-    todo = [a for a in read_articles(iargs.articles) if not a.get("url") or a["url"] not in done]
+    todo = [a for a in read_articles(iargs.articles) if a["url"] not in done]
     added = 0
     for i in tqdm(range(0, len(todo), iargs.save_every), desc=f"groups of {iargs.save_every} articles",
                   disable=not progress or len(todo) <= iargs.save_every):

@@ -155,7 +155,7 @@ def test_cli_builds_then_adds_only_new_articles(tmp_path, capsys):
 def test_cli_rejects_bad_input(tmp_path):
     bad = tmp_path / "a.jsonl"
     bad.write_text('{"url": "x", "text": "ok"}\n{"url": "y"}\n')
-    with pytest.raises(ValueError, match=r"a.jsonl:2: .*'text'"):
+    with pytest.raises(ValueError, match=r"a.jsonl:2: .*'text'"):  # scrape.corpus.read_articles' check
         build_index(IndexArgs(articles=bad, out=tmp_path / "ix"), ChunkArgs())
     with pytest.raises(SystemExit):
         main(["--articles", str(tmp_path / "nope.jsonl")])
