@@ -104,6 +104,7 @@ def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
 
 def select_cache_rows(model, rows: torch.Tensor) -> None:
     """Make row i of the model's KV cache a copy of old row rows[i]: drops finished rows, or repeats one prefix."""
+    # reaches into the model's cache; requested as Transformer.select_cache_rows (notes/model-requests.md)
     for layer in model.layers:
         cache = layer.attention.cache
         cache.k, cache.v = cache.k[rows], cache.v[rows]

@@ -137,14 +137,20 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _architecture(m: ModelArgs) -> dict:
+    return dict(dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, kv_heads=m.kv_heads, vocab_size=m.vocab_size,
+                ffn_hidden=m.ffn_hidden, norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings)
+
+
 def read_adapter_config(adapter_dir: str | Path, margs: ModelArgs) -> LoraArgs:
     """LoraArgs of an adapter folder, after checking it was trained on a model with exactly these ModelArgs."""
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {adapter_dir}; pass the folder that save_adapter wrote")
     cfg = json.loads(path.read_text())
-    ours = asdict(margs)
-    diff = {k: (v, ours.get(k)) for k, v in cfg["model"].items() if ours.get(k) != v}
+    # the effective architecture, not every field: a checkpoint saved as HF states hidden_dim that Meta derives
+    theirs, ours = _architecture(ModelArgs(**cfg["model"])), _architecture(margs)
+    diff = {k: (v, ours[k]) for k, v in theirs.items() if ours[k] != v}
     if diff:
         shown = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
         raise ValueError(f"adapter {adapter_dir} was trained on another model ({shown}); "

@@ -266,6 +266,22 @@ def test_cli_streams_a_tiny_saved_checkpoint(tmp_path, smollm2_gguf, capsys):
     main(["--checkpoint", str(tmp_path / "tiny"), "--prompt", "Hi", "--chat", "--max-new-tokens", "4",
           "--temperature", "0.8", "--top-k", "20", "--stop", "a,b"])
     assert "tokens/s" in capsys.readouterr().err
+    # --adapter: a LoRA adapter with non-zero B changes the output, and the CLI applies it like from_checkpoint
+    from checkpoint import load_model
+    from lora import LoraArgs, apply_lora, save_adapter
+
+    largs = LoraArgs(r=4, targets=("wq", "wv", "w2"))
+    model = apply_lora(load_model(tmp_path / "tiny"), largs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    save_adapter(model, largs, model.args, tmp_path / "adapter")
+    main(["--checkpoint", str(tmp_path / "tiny"), "--adapter", str(tmp_path / "adapter"), "--prompt", "Bitcoin is",
+          "--max-new-tokens", "8"])
+    [adapted] = Generator.from_checkpoint(tmp_path / "tiny", adapter=tmp_path / "adapter").generate(
+        ["Bitcoin is"], GenerateArgs(max_new_tokens=8))
+    assert capsys.readouterr().out == adapted.text + "\n" and adapted.token_ids != ref.token_ids
 
 
 @pytest.mark.parametrize("argv, message", [(["--prompt", "x", "--top-p", "2"], "top_p=2.0 must be in (0, 1]"),

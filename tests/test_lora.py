@@ -179,3 +179,18 @@ def test_merge_cli_writes_a_merged_checkpoint(tmp_path):
         merged = checkpoint.load_model(str(tmp_path / fmt)).eval()
         assert (tmp_path / fmt / "tokenizer.json").is_file()
         torch.testing.assert_close(logits(merged, TOKENS), logits(ours, TOKENS), atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_loads_on_the_same_model_saved_as_hf(tmp_path):
+    # Meta derives the FFN width; an HF config states it: the same architecture, so the adapter must load
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=256)).eval()
+    checkpoint.save_model(model, tmp_path / "hf", format="hf")
+    largs = LoraArgs(targets=("wq", "w1"))
+    apply_lora(model, largs)
+    save_adapter(model, largs, model.args, tmp_path / "a")
+    reloaded = checkpoint.load_model(tmp_path / "hf")
+    assert reloaded.args.hidden_dim is not None and model.args.hidden_dim is None
+    load_adapter(reloaded, tmp_path / "a")
+    tokens = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens), model(tokens), atol=1e-5, rtol=1e-5)
