@@ -64,7 +64,7 @@ def load_records(path: str | Path) -> list[dict]:
         for i, rec in enumerate(items):
             records += _expand(rec, f"{path} record {i}")
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+0085/U+2028 occur in text
             if not line.strip():
                 continue
             try:

@@ -234,3 +234,10 @@ def test_chat_examples_match_transformers_on_real_records(shared_data, smollm2_g
         assert ex.tokens + [tok.eos_id] == full[:len(ex.tokens) + 1]
         assert full[len(ex.tokens) + 1:] == hf("\n", add_special_tokens=False).input_ids  # only the turn's newline
         assert next(i for i, t in enumerate(ex.labels) if t != IGNORE) == len(prompt) - 1
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    path = tmp_path / "r.jsonl"
+    rec = {"instruction": "i", "input": "a\u0085b\u2028c", "output": "o"}
+    path.write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [r["input"] for r in load_records(path)] == ["a\u0085b\u2028c"]
