@@ -16,13 +16,12 @@ import json
 import re
 from pathlib import Path
 
+from annotate.schema import EVENT_TYPES  # one list of event types: annotation, training, evaluation
 from llm import LLMOutputError
 from selfinstruct.rouge import tokenize
 from selfinstruct.store import append_jsonl, read_jsonl
 
 KINDS = ("qa", "extract", "sentiment", "summary")
-EVENT_TYPES = ["hack", "regulation", "lawsuit", "listing", "partnership", "upgrade", "funding", "earnings",
-               "macro", "market_move", "other"]
 SAMPLING = dict(max_tokens=600, temperature=0.0)
 # Several phrasings per kind, picked per article, so the tuned model does not learn one fixed wording.
 INSTRUCTIONS = {

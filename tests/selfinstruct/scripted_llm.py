@@ -96,7 +96,7 @@ def _grounded(messages: list[dict]) -> str:
         coins = [t for t in TICKERS if t in text]
         return "Here is the extraction:\n```json\n" + json.dumps(
             {"coins": coins, "organizations": [], "amounts": [{"value": 5, "unit": "percent"}],
-             "event_type": "market_move"}) + "\n```"
+             "event_type": "price_move"}) + "\n```"
     if "bullish, bearish or neutral" in user:
         return json.dumps({"sentiment": "bullish" if "rose" in text else "neutral",
                            "reason": f"The article says: {first}"})

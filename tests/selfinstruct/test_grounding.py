@@ -20,7 +20,7 @@ def test_qa_answer_must_be_in_the_article():
 
 def test_extraction_names_must_be_in_the_article():
     obj = {"coins": ["Bitcoin", "BTC"], "organizations": ["BlackRock"], "amounts": [{"value": 5, "unit": "percent"}],
-           "event_type": "market_move"}
+           "event_type": "price_move"}
     assert check("extract", obj, TEXT) == []
     assert check("extract", dict(obj, organizations=["Fidelity"]), TEXT)
     rec = to_record("extract", obj, TEXT, "Extract ...")
