@@ -60,6 +60,7 @@ class ServeArgs:
         "help": "environment variable holding the bearer key clients must send; empty = no key"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype",
                                                     "choices": ["float32", "bfloat16", "float16"]})
+    device: str = field(default="cpu", metadata={"help": "where the model runs: cpu, cuda, cuda:1, ..."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (all cores)"})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "longest prompt accepted, in tokens"})
     max_tokens: int = field(default=512, metadata={"help": "most tokens one request may generate"})
@@ -95,7 +96,7 @@ def with_adapter(base: Generator, adapter_dir) -> Generator:
 
 def load_generators(sargs: ServeArgs) -> dict[str, Generator]:
     """{model name: Generator} for the base checkpoint and each adapter."""
-    base = Generator.from_checkpoint(sargs.checkpoint, dtype=getattr(torch, sargs.dtype))
+    base = Generator.from_checkpoint(sargs.checkpoint, dtype=getattr(torch, sargs.dtype), device=sargs.device)
     if sargs.checkpoint is None:
         from checkpoint import embedded_model_path
 
