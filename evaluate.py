@@ -688,14 +688,12 @@ def _check_labels(rec, where: str) -> dict:
 
 def load_news(articles: str | Path, labels: str | Path) -> tuple[list[dict], list[dict]]:
     """(every article, the labelled ones in labels-file order, each with its labels under "gold"), joined on url."""
-    from retrieval.index import read_articles
+    from scrape.corpus import read_articles
 
-    articles, labels = Path(articles), Path(labels)
-    for path, fix in ((articles, "pass --articles (e.g. data/sample_news.jsonl)"),
-                      (labels, "pass --labels (e.g. data/sample_news_labels.jsonl)")):
-        if not path.is_file():
-            raise FileNotFoundError(f"no file at {path}; {fix}")
-    corpus = read_articles(articles)
+    corpus = read_articles(articles)  # names a missing file or a bad line itself
+    labels = Path(labels)
+    if not labels.is_file():
+        raise FileNotFoundError(f"no file at {labels}; pass --labels (e.g. data/sample_news_labels.jsonl)")
     by_url = {a.get("url"): a for a in corpus}
     items = []
     for n, line in enumerate(_lines(labels.read_text(encoding="utf-8")), 1):

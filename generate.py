@@ -102,15 +102,6 @@ def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
     return logits
 
 
-def select_cache_rows(model, rows: torch.Tensor) -> None:
-    """Make row i of the model's KV cache a copy of old row rows[i]: drops finished rows, or repeats one prefix."""
-    # reaches into the model's cache; requested as Transformer.select_cache_rows (notes/model-requests.md)
-    for layer in model.layers:
-        cache = layer.attention.cache
-        cache.k, cache.v = cache.k[rows], cache.v[rows]
-    model._cache_docs = model._cache_docs[rows]
-
-
 def left_pad(seqs: list[list[int]], start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(tokens, doc_ids, positions) of sequences left-padded to one length; doc id 0 marks padding and positions
     count from `start` within each row. doc_ids and positions are None when all lengths are equal (no mask needed)."""
@@ -264,7 +255,7 @@ class Generator:
                     live = [live[j] for j in keep.tolist()]
                     nxt, lens = nxt[keep], lens[keep]
                     state.keep(keep)
-                    select_cache_rows(model, keep.to(device))
+                    model.select_cache_rows(keep.to(device))
                 pos = None if docs is None else (lens + step)[:, None].to(device)
                 logits = model(nxt[:, None].to(device), start_pos=T + step, positions=pos, last_only=True)[:, -1]
         finally:
@@ -310,7 +301,7 @@ class Generator:
         if prefix:  # the shared prefix runs once, then its keys and values are copied to every row
             model.setup_cache(1, prefix + T + longest)
             model(torch.tensor([ctx[0][:prefix]], device=device), last_only=True)
-            select_cache_rows(model, torch.zeros(n, dtype=torch.long, device=device))
+            model.select_cache_rows(torch.zeros(n, dtype=torch.long, device=device))
         else:
             model.setup_cache(n, T + longest)
         try:
@@ -322,7 +313,7 @@ class Generator:
             first = torch.tensor([[t[0] for t in o] for o in opts])  # (n, n_opt)
             scores = logp.gather(1, first)
             if longest > 1:  # the options' later tokens: each prompt row repeated once per option
-                select_cache_rows(model, torch.arange(n, device=device).repeat_interleave(n_opt))
+                model.select_cache_rows(torch.arange(n, device=device).repeat_interleave(n_opt))
                 flat = [t for o in opts for t in o]  # row r = prompt r // n_opt, option r % n_opt
                 follow = torch.zeros(len(flat), longest - 1, dtype=torch.long)
                 target = torch.zeros_like(follow)

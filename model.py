@@ -216,6 +216,13 @@ class Transformer(nn.Module):
         self._cache_docs = torch.ones(batch_size, max_len, dtype=torch.long, device=device)
         self._cache_masked = False
 
+    def select_cache_rows(self, rows: torch.Tensor) -> None:
+        """Make cache row i a copy of old row rows[i]: drops finished rows, or repeats one prompt for several options."""
+        for layer in self.layers:
+            cache = layer.attention.cache
+            cache.k, cache.v = cache.k[rows], cache.v[rows]
+        self._cache_docs = self._cache_docs[rows]
+
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
