@@ -75,8 +75,12 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         # outside autocast an fp16 input meets fp32 adapters: compute the update in the adapters' dtype
-        h = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return y + (h * self.scale).to(y.dtype)
+        x, scale, p = x.to(self.lora_A.dtype), self.scale, self.dropout.p
+        if self.training and p > 0:
+            # inverted dropout, its 1 / (1 - p) folded into the scale: one mask multiply on the wide input
+            x, scale = x * (torch.rand_like(x) >= p), scale / (1 - p)
+        a = F.linear(x, self.lora_A) * scale  # (..., r): scaling here is cheap
+        return y + F.linear(a, self.lora_B).to(y.dtype)
 
     def delta(self) -> torch.Tensor:
         """The weight update scale * B @ A, (out, in), fp32."""

@@ -97,13 +97,44 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by their angle: Meta's layout, the complex product x * e^(i*angle).
-    x: (B, T, H, head_dim); cos, sin: (B or 1, T, 1, head_dim // 2)."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim // 2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by their angle: Meta's layout, the complex product x * e^(i*angle)
+    (one complex multiply: fewer kernels forward and backward than four real ones).
+    x: (B, T, H, head_dim); rot = cos + i*sin: (B or 1, T, 1, head_dim // 2) complex64."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, head_dim // 2)
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits h @ weight.T, a chunk of rows at a time, for a frozen weight.
+
+    The (N, vocab) logits never exist in full: each chunk's logits give its loss and, while they are still in cache,
+    the gradient for h (softmax - one-hot, times weight), which backward only scales. Same values as
+    F.cross_entropy(F.linear(h, weight), targets, reduction="sum"), less memory, and on a CPU faster."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_grad: bool, chunk: int):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad else None
+        for s in range(0, h.shape[0], chunk):
+            t = targets[s:s + chunk]
+            logits = F.linear(h[s:s + chunk], weight).float()  # (chunk, vocab)
+            target_logit = logits.gather(1, t[:, None])
+            top = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(top).exp_()  # in place: no second (chunk, vocab) buffer
+            total = exp.sum(dim=-1, keepdim=True)
+            loss += (top + total.log() - target_logit).sum()  # log-sum-exp minus the target's logit
+            if need_grad:
+                probs = exp.div_(total)
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
+                grad_h[s:s + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_h)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None
 
 
 class KVCache(nn.Module):
@@ -132,12 +163,12 @@ class Attention(nn.Module):
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, start_pos: int) -> torch.Tensor:
+    def forward(self, x, rot, mask, start_pos: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
@@ -169,8 +200,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, start_pos: int) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+    def forward(self, x, rot, mask, start_pos: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rot, mask, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -248,10 +279,10 @@ class Transformer(nn.Module):
         if positions is None:
             if start_pos + T > self.args.max_seq_len:
                 raise ValueError(f"sequence end {start_pos + T} exceeds max_seq_len={self.args.max_seq_len}")
-            cos = self.rope_cos[start_pos:start_pos + T][None, :, None]  # (1, T, 1, head_dim // 2)
-            sin = self.rope_sin[start_pos:start_pos + T][None, :, None]
+            cos, sin = self.rope_cos[start_pos:start_pos + T][None], self.rope_sin[start_pos:start_pos + T][None]
         else:
-            cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B, T, 1, hd/2)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim // 2)
+        rot = torch.complex(cos.float(), sin.float())[:, :, None]  # (B or 1, T, 1, head_dim // 2)
 
         mask = None
         if self._cache_docs is not None:
@@ -266,13 +297,16 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, start_pos)
+            h = layer(h, rot, mask, start_pos)
 
         if labels is not None:
             keep = labels != -100
             hs = self.norm(h[keep])  # (N, dim): only the positions that carry a target
-            logits = self.output(hs).float()
-            return F.cross_entropy(logits, labels[keep], reduction="sum"), keep.sum()
+            w = self.output.weight if type(self.output) is Linear else None  # an adapted output: plain path
+            if w is None or w.requires_grad:
+                return F.cross_entropy(self.output(hs).float(), labels[keep], reduction="sum"), keep.sum()
+            need_grad, chunk = torch.is_grad_enabled() and hs.requires_grad, max(1, 2**23 // w.shape[0])  # ~32 MB
+            return ChunkedCrossEntropy.apply(hs, w, labels[keep], need_grad, chunk), keep.sum()
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -119,6 +119,21 @@ def test_init_is_kaiming_a_and_zero_b():
     assert LoRALinear(lin, r=4, alpha=8, rslora=True).scale == 4.0
 
 
+def test_dropout_zeroes_inputs_at_rate_p_and_keeps_the_mean():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64, bias=False)
+    m = LoRALinear(lin, r=64, alpha=64, dropout=0.25)
+    m.lora_A.data, m.lora_B.data = torch.eye(64), torch.eye(64)  # the update is scale * dropout(x): visible directly
+    x = torch.randn(1, 64) + 3.0
+    with torch.no_grad():
+        delta = torch.stack([m(x) - lin(x) for _ in range(4000)])  # (4000, 1, 64)
+        assert torch.allclose(m.eval()(x) - lin(x), x, atol=1e-5)  # eval: no dropout
+    kept = delta != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # P(keep) = 1 - p
+    torch.testing.assert_close(delta[kept], (x / 0.75).expand_as(delta)[kept], atol=1e-5, rtol=1e-5)  # x / (1 - p)
+    assert (delta.mean(0) - x).abs().max().item() < 0.2  # unbiased
+
+
 def test_merge_unmerge_round_trip():
     ours, _, _ = pair()
     before = logits(ours, TOKENS)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from checkpoint import hf_to_meta
-from model import ModelArgs, Transformer, apply_rope, rope_tables
+from model import ChunkedCrossEntropy, ModelArgs, Transformer, apply_rope, rope_tables
 
 CONFIGS = {
     "mha": dict(dim=64, n_layers=2, n_heads=4, vocab_size=256),
@@ -56,7 +56,7 @@ def test_logits_match_transformers(name):
 def test_rope_matches_complex_formula():
     cos, sin = rope_tables(16, 32, 10000.0)
     x = torch.randn(2, 32, 3, 16)
-    ours = apply_rope(x, cos[None, :, None], sin[None, :, None])
+    ours = apply_rope(x, torch.complex(cos, sin)[None, :, None])
     freqs = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
     rot = torch.polar(torch.ones(32, 8), torch.outer(torch.arange(32).float(), freqs))  # e^(i * m * theta_k)
     ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rot[None, :, None]).flatten(-2)
@@ -134,6 +134,33 @@ def test_labels_give_the_masked_cross_entropy():
         ref = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="sum")
     assert n.item() == 13
     assert math.isclose(loss_sum.item(), ref.item(), rel_tol=1e-5)
+
+
+def test_chunked_cross_entropy_matches_the_full_one():
+    h = torch.randn(11, 16, requires_grad=True)
+    w, t = torch.randn(50, 16), torch.randint(0, 50, (11,))
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref * 0.5, h)
+    loss = ChunkedCrossEntropy.apply(h, w, t, True, 3)  # chunks of 3 rows: 4 chunks, the last one short
+    (grad,) = torch.autograd.grad(loss * 0.5, h)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_frozen_output_takes_the_chunked_loss_with_the_same_gradients():
+    model = tiny().requires_grad_(False)
+    wq = model.layers[0].attention.wq.weight.requires_grad_(True)
+    tokens, labels = torch.randint(0, 256, (2, 10)), torch.randint(0, 256, (2, 10))
+    labels[0, :4] = -100
+    loss, n = model(tokens, labels=labels)  # the output weight is frozen: ChunkedCrossEntropy
+    assert loss.grad_fn is not None and "ChunkedCrossEntropy" in type(loss.grad_fn).__name__
+    (grad,) = torch.autograd.grad(loss, wq)
+    keep = labels != -100
+    ref = torch.nn.functional.cross_entropy(model(tokens)[keep], labels[keep], reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, wq)
+    assert n.item() == 16
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
 
 
 def test_tied_embeddings_share_storage():
