@@ -84,9 +84,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight  # one fused kernel
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +113,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_grad: bool, chunk: int):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if need_grad else None
+        grad_h = torch.empty_like(h, dtype=torch.float32) if need_grad else None
         for s in range(0, h.shape[0], chunk):
             t = targets[s:s + chunk]
             logits = F.linear(h[s:s + chunk], weight).float()  # (chunk, vocab)
@@ -129,12 +127,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d loss / d logits
                 grad_h[s:s + chunk] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_h)
+        ctx.h_dtype = h.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None
+        return (grad_h * grad_loss).to(ctx.h_dtype), None, None, None, None
 
 
 class KVCache(nn.Module):
