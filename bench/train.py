@@ -9,6 +9,8 @@ reference is the usual HF recipe: LlamaForCausalLM + peft.get_peft_model, batche
 longest example, logits over every position. Ours runs once without packing (length-grouped batches) and once
 with packing (rows of --max-len tokens). Tokens/s counts only real tokens and skips the first --warmup steps.
 fp32 decides the targets; bf16 (autocast, frozen base in bf16) is reported for both sides.
+It also prints the matmul bound: the real tokens/s our forward + backward matrix products alone would allow at
+the GEMM rate this CPU reaches on the model's shapes, and the best packed ratio that bound leaves.
 """
 from __future__ import annotations
 
@@ -99,6 +101,39 @@ def hf_peft(args: BenchArgs, precision: str, hf_dir: Path) -> float:
     return tokens / seconds
 
 
+def matmul_bound(args: BenchArgs) -> dict[str, float]:
+    """What matrix multiplication alone allows: our forward + backward matmul FLOPs per real token (base frozen, so
+    activation gradients only; vocabulary projection at target positions only; attention excluded) over the GEMM
+    rate this CPU reaches on the model's own shapes, and the reference's padding factor on the batches it timed."""
+    from checkpoint import load_model, load_tokenizer
+    from data import encode_records, load_records
+
+    model = load_model()
+    a = model.args
+    layer = sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2)  # the 7 projections
+    examples, _ = encode_records(load_records(args.data), load_tokenizer(), args.max_len)
+    n_tok = sum(len(e.tokens) for e in examples)
+    target_share = sum(sum(t != -100 for t in e.labels) for e in examples) / n_tok
+    flops = 2 * 2 * (a.n_layers * layer + a.vocab_size * a.dim * target_share)  # 2 flops per MAC, fwd + bwd
+    rate = 0.0
+    for m, k, n in ((1024, a.dim, a.ffn_hidden), (1024, a.ffn_hidden, a.dim), (1024, a.dim, a.dim)):
+        x, w = torch.randn(m, k), torch.randn(k, n)
+        best = min(_timed(torch.mm, x, w) for _ in range(5))
+        rate = max(rate, 2 * m * k * n / best)
+    random.Random(0).shuffle(examples)  # the reference's batches, as hf_peft draws them
+    timed = examples[args.warmup * args.micro_batch_size:args.steps * args.micro_batch_size]
+    batches = [timed[i:i + args.micro_batch_size] for i in range(0, len(timed), args.micro_batch_size)]
+    padded = sum(len(b) * max(len(e.tokens) for e in b) for b in batches)
+    return {"gemm_gflops": rate / 1e9, "ours_bound_tok_s": rate / flops,
+            "hf_pad_factor": padded / sum(len(e.tokens) for e in timed)}
+
+
+def _timed(fn, *xs) -> float:
+    t = time.perf_counter()
+    fn(*xs)
+    return time.perf_counter() - t
+
+
 def run(args: BenchArgs) -> dict[str, float]:
     """Tokens/s of every (side, precision) pair."""
     from checkpoint import load_model, save_model
@@ -120,6 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     r = run(args)
     for name, tok_s in r.items():
         print(f"{name}: {tok_s:.0f} real tokens/s")
+    b = matmul_bound(args)
+    print(f"matmul bound: {b['gemm_gflops']:.0f} GFLOP/s GEMM (this CPU, model shapes) -> ours at most "
+          f"{b['ours_bound_tok_s']:.0f} real tokens/s; packed fp32 reaches {r['ours_pack_fp32'] / b['ours_bound_tok_s']:.0%}"
+          f" of it; the reference pads {b['hf_pad_factor']:.2f}x; best possible packed ratio here "
+          f"{b['ours_bound_tok_s'] / r['hf_peft_fp32']:.2f}x")
     if "bf16" in args.precisions:
         for side in ("hf_peft", "ours_nopack", "ours_pack"):
             print(f"{side}_bf16_vs_fp32: {r[f'{side}_bf16'] / r[f'{side}_fp32']:.2f}x")
