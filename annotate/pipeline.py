@@ -153,7 +153,9 @@ def _load_done(out: Path, retry_failed: bool) -> set[str]:
     """URLs already in `out`; drops a line cut off by a crash (and failures, to retry them) by rewriting the file."""
     if not out.exists():
         return set()
-    lines = out.read_text(encoding="utf-8").splitlines()
+    lines = out.read_text(encoding="utf-8").split("\n")  # not splitlines: article text holds U+2028 / U+0085 raw
+    if lines[-1] == "":
+        lines.pop()
     records = []
     for n, line in enumerate(lines, 1):
         try:

@@ -22,7 +22,7 @@ def load_seed_tasks(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no seed tasks at {path}; pass --seed-tasks PATH to a Self-Instruct seed_tasks.jsonl")
     tasks = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines: see store.py
         if not line.strip():
             continue
         try:

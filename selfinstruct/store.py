@@ -29,7 +29,8 @@ def read_jsonl(path: Path) -> list[dict]:
         with open(path, "r+b") as f:
             f.truncate(len(complete))
     rows = []
-    for lineno, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+    # split on "\n" only: str.splitlines also breaks at U+2028 / U+0085, which append_jsonl writes raw (scraped text)
+    for lineno, line in enumerate(complete.decode("utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

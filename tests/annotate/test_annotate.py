@@ -227,3 +227,12 @@ def test_sample_corpus_is_well_formed():
     assert {g["event_type"] for g in GOLD.values()} == set(EVENT_TYPES)
     assert {g["sentiment"] for g in GOLD.values()} == set(SENTIMENTS)
     assert "invented" in (ROOT / "data" / "README.md").read_text()
+
+
+def test_done_file_keeps_records_whose_text_holds_line_separators(tmp_path):
+    out = tmp_path / "annotations.jsonl"
+    recs = [{"url": "u1", "ok": True, "title": "a\u2028b"}, {"url": "u2", "ok": True, "title": "c\u0085d"}]
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs) + '{"url": "u3", "o',
+                   encoding="utf-8")  # the last write was cut off by a crash
+    assert pipeline._load_done(out, retry_failed=False) == {"u1", "u2"}
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n")[:-1]] == recs

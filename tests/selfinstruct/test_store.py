@@ -24,6 +24,19 @@ def test_torn_last_line_is_dropped_and_appends_continue(tmp_path):
         read_jsonl(path)
 
 
+def test_line_separators_inside_strings_stay_in_their_record(tmp_path):
+    path = tmp_path / "state.jsonl"
+    rows = [{"text": "a\u2028b\u0085c\rd"}, {"text": "e"}]  # raw in the file: append_jsonl keeps non-ASCII as is
+    for row in rows:
+        append_jsonl(path, row)
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    assert read_jsonl(path) == rows
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"instruction": "x\u2028y", "instances": [{"input": "", "output": "z"}], '
+                     '"is_classification": false}\n', encoding="utf-8")
+    assert load_seed_tasks(seeds)[0]["instruction"] == "x\u2028y"
+
+
 def test_git_blob_id_matches_git(tmp_path):
     path = tmp_path / "f.txt"
     path.write_bytes(b"hello\nworld\n")
