@@ -84,7 +84,34 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight  # one fused kernel
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm for training: the values of RMSNorm.forward, and a backward of four passes over x where autograd
+    through F.rms_norm chains pow, mean, rsqrt and several mul kernels. With xh = x r, r = 1 / rms(x), u = g weight:
+    dx = r (u - xh mean(u xh)), dweight = sum of g xh over the rows."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 math for bf16/fp16; fp64 stays (gradcheck)
+        r = torch.rsqrt(torch.linalg.vecdot(xf, xf).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return (xf * r).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        xf, grad_x, grad_w = x.to(torch.promote_types(x.dtype, torch.float32)), None, None
+        if ctx.needs_input_grad[0]:
+            u = (g * weight).to(xf.dtype)
+            c = torch.linalg.vecdot(u, xf).unsqueeze(-1).mul_(r * r / x.shape[-1])  # r^2 mean(u x)
+            grad_x = torch.addcmul(u, xf, c, value=-1).mul_(r).type_as(x)
+        if ctx.needs_input_grad[1]:
+            grad_w = (g * (xf * r).type_as(x)).flatten(0, -2).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +331,9 @@ class Transformer(nn.Module):
             w = self.output.weight if type(self.output) is Linear else None  # an adapted output: plain path
             if w is None or w.requires_grad:
                 return F.cross_entropy(self.output(hs).float(), labels[keep], reduction="sum"), keep.sum()
-            need_grad, chunk = torch.is_grad_enabled() and hs.requires_grad, max(1, 2**23 // w.shape[0])  # ~32 MB
+            need_grad, n = torch.is_grad_enabled() and hs.requires_grad, hs.shape[0]
+            pieces = -(-n // max(1, 2**23 // w.shape[0]))  # chunks of <= 32 MB of fp32 logits, of even size: a
+            chunk = max(1, -(-n // pieces))  # short last chunk would read the whole weight for a few rows
             return ChunkedCrossEntropy.apply(hs, w, labels[keep], need_grad, chunk), keep.sum()
         if last_only:
             h = h[:, -1:]

@@ -6,8 +6,8 @@ import torch
 
 import checkpoint
 from checkpoint import hf_to_meta, permute_to_hf
-from lora import (HF_NAMES, LoRALinear, LoraArgs, apply_lora, export_peft, load_adapter, lora_modules,
-                  lora_state_dict, main, merge_lora, save_adapter, strip_lora, unmerge_lora)
+from lora import (HF_NAMES, LoRALinear, LoraArgs, _LoRAFunction, apply_lora, dropout_mask, export_peft, load_adapter,
+                  lora_modules, lora_state_dict, main, merge_lora, save_adapter, strip_lora, unmerge_lora)
 from model import ModelArgs, Transformer
 from tests.test_model import CONFIGS, hf_llama
 
@@ -69,6 +69,73 @@ def test_logits_match_peft(targets, rslora):
     pm = peft_model(hf, largs)
     copy_into_peft(ours, pm)
     assert (logits(ours, TOKENS) - logits(pm, TOKENS)).abs().max().item() < 1e-4
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("targets", [("wq", "wv"), ALL])
+def test_training_gradients_match_peft(targets):
+    """The training path (fp32: _LoRAFunction, the hand-written RMSNorm backward, chunked cross-entropy) gives
+    peft's loss and adapter gradients on transformers."""
+    ours, hf, largs = pair(targets)
+    pm = peft_model(hf, largs)
+    copy_into_peft(ours, pm)
+    ours.train(), pm.train()
+    tokens = torch.randint(0, 256, (3, 13), generator=torch.Generator().manual_seed(1))
+    loss_sum, n = ours(tokens[:, :-1], labels=tokens[:, 1:])
+    (loss_sum / n).backward()
+    ref = pm(input_ids=tokens, labels=tokens).loss
+    ref.backward()
+    assert abs((loss_sum / n).item() - ref.item()) < 1e-5
+    args = ours.args
+    for name, m in lora_modules(ours).items():
+        target = name.rsplit(".", 1)[-1]
+        if target == "output":
+            mod = pm.base_model.model.lm_head
+        else:
+            mod = pm.base_model.model.model.layers[int(name.split(".")[1])].get_submodule(HF_NAMES[target])
+        grad_b = m.lora_B.grad
+        if target in ("wq", "wk"):
+            grad_b = permute_to_hf(grad_b, args.n_heads if target == "wq" else args.kv_heads)
+        torch.testing.assert_close(m.lora_A.grad, mod.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grad_b, mod.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_function_matches_autograd_of_the_formula():
+    """_LoRAFunction (the fp32 training path, dropout mask included) against autograd of the plain expression."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40, bias=False)
+    m = LoRALinear(lin, r=4, alpha=8, dropout=0.3).train()
+    torch.nn.init.normal_(m.lora_B)
+    x = torch.randn(2, 7, 48, requires_grad=True)
+    g = torch.randn(2, 7, 40)
+    torch.manual_seed(5)
+    m(x).backward(g)
+    ours = [t.grad.clone() for t in (x, m.lora_A, m.lora_B)]
+    x.grad = m.lora_A.grad = m.lora_B.grad = None
+    torch.manual_seed(5)
+    mask, keep = dropout_mask(x, 0.3)  # the same draw as the forward above
+    y = lin(x) + ((x * mask) @ m.lora_A.T * (m.scale / keep)) @ m.lora_B.T
+    y.backward(g)
+    for a, b in zip(ours, (x.grad, m.lora_A.grad, m.lora_B.grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    d = dict(dtype=torch.float64)
+    args = (torch.randn(2, 3, 6, **d, requires_grad=True), torch.randn(5, 6, **d), torch.randn(2, 6, **d,
+            requires_grad=True), torch.randn(5, 2, **d, requires_grad=True), torch.rand(2, 3, 6) > 0.3, 1.7)
+    assert torch.autograd.gradcheck(_LoRAFunction.apply, args)
+    assert torch.autograd.gradcheck(_LoRAFunction.apply, args[:4] + (None, 1.7))
+
+
+def test_dropout_mask_rate_and_rounding():
+    torch.manual_seed(0)
+    x = torch.empty(1000, 1000)
+    for p in (0.05, 0.1, 0.5):
+        mask, keep = dropout_mask(x, p)
+        assert mask.shape == x.shape and mask.dtype == torch.bool
+        assert abs(keep - (1 - p)) <= 0.5 / 65536  # p rounded to a multiple of 2^-16
+        assert abs(mask.float().mean().item() - keep) < 0.002  # 4 sigma at 10^6 draws
+    mask, keep = dropout_mask(torch.empty(7, 3), 0.0)  # odd sizes; p = 0 keeps everything
+    assert mask.all() and keep == 1.0
+    assert dropout_mask(x, 0.999999)[1] > 0  # the largest p still keeps a lane in 65536
 
 
 @pytest.mark.reference
