@@ -36,21 +36,25 @@ def peft_model(hf, largs):
     return peft.get_peft_model(hf, cfg).eval()
 
 
+def peft_pairs(ours, pm):
+    """(our LoRALinear, peft's module of the same linear, f) for every adapter, f putting a (out, r) B in HF layout."""
+    args = ours.args
+    for name, m in lora_modules(ours).items():
+        target = name.rsplit(".", 1)[-1]
+        if target == "output":
+            mod = pm.base_model.model.lm_head
+        else:
+            mod = pm.base_model.model.model.layers[int(name.split(".")[1])].get_submodule(HF_NAMES[target])
+        heads = {"wq": args.n_heads, "wk": args.kv_heads}.get(target)
+        yield m, mod, (lambda b, h=heads: b if h is None else permute_to_hf(b, h))
+
+
 def copy_into_peft(ours, pm):
     """Write our A and B into peft's modules by hand (independent of export_peft's file layout)."""
-    args = ours.args
     with torch.no_grad():
-        for name, m in lora_modules(ours).items():
-            target = name.rsplit(".", 1)[-1]
-            if target == "output":
-                mod = pm.base_model.model.lm_head
-            else:
-                mod = pm.base_model.model.model.layers[int(name.split(".")[1])].get_submodule(HF_NAMES[target])
-            b = m.lora_B
-            if target in ("wq", "wk"):
-                b = permute_to_hf(b, args.n_heads if target == "wq" else args.kv_heads)
+        for m, mod, to_hf in peft_pairs(ours, pm):
             mod.lora_A["default"].weight.copy_(m.lora_A)
-            mod.lora_B["default"].weight.copy_(b)
+            mod.lora_B["default"].weight.copy_(to_hf(m.lora_B))
 
 
 def logits(model, tokens):
@@ -86,18 +90,9 @@ def test_training_gradients_match_peft(targets):
     ref = pm(input_ids=tokens, labels=tokens).loss
     ref.backward()
     assert abs((loss_sum / n).item() - ref.item()) < 1e-5
-    args = ours.args
-    for name, m in lora_modules(ours).items():
-        target = name.rsplit(".", 1)[-1]
-        if target == "output":
-            mod = pm.base_model.model.lm_head
-        else:
-            mod = pm.base_model.model.model.layers[int(name.split(".")[1])].get_submodule(HF_NAMES[target])
-        grad_b = m.lora_B.grad
-        if target in ("wq", "wk"):
-            grad_b = permute_to_hf(grad_b, args.n_heads if target == "wq" else args.kv_heads)
+    for m, mod, to_hf in peft_pairs(ours, pm):
         torch.testing.assert_close(m.lora_A.grad, mod.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(grad_b, mod.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(to_hf(m.lora_B.grad), mod.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_lora_function_matches_autograd_of_the_formula():
