@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from jsonl import parse_jsonl
+
 IGNORE = -100
 
 
@@ -64,13 +66,7 @@ def load_records(path: str | Path) -> list[dict]:
         for i, rec in enumerate(items):
             records += _expand(rec, f"{path} record {i}")
     else:
-        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+0085/U+2028 occur in text
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); JSONL needs one object a line") from None
+        for lineno, rec in parse_jsonl(text, path):
             records += _expand(rec, f"{path}:{lineno}")
     if not records:
         raise ValueError(f"{path} holds no records")

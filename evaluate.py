@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jsonl import parse_jsonl, read_jsonl
+
 LABELS = ("negative", "neutral", "positive")
 # TFNS (zeroshot/twitter-financial-news-sentiment): 0 bearish, 1 bullish, 2 neutral
 TFNS_LABELS = {"0": "negative", "1": "positive", "2": "neutral"}
@@ -78,15 +80,9 @@ def _load_csv(path: Path, text: str) -> list[dict]:
 
 def _load_jsonl(path: Path, text: str) -> list[dict]:
     rows = []
-    for i, line in enumerate(_lines(text), 1):
-        if not line.strip():
-            continue
+    for i, rec in parse_jsonl(text, path):
         where = f"{path}:{i}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg}); one object per line") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("label"), str):
+        if not isinstance(rec.get("label"), str):
             raise ValueError(f"{where}: expected an object with string fields `text` and `label`")
         rows.append(_row(rec.get("text"), _label(rec["label"], where), where))
     return rows
@@ -667,11 +663,11 @@ def _labels_error(where: str, msg: str) -> ValueError:
     return ValueError(f"{where}: {msg}; see data/README.md for the labels format")
 
 
-def _check_labels(rec, where: str) -> dict:
+def _check_labels(rec: dict, where: str) -> None:
     from annotate.schema import EVENT_TYPES
 
-    if not isinstance(rec, dict) or not isinstance(rec.get("url"), str):
-        raise _labels_error(where, "expected an object with a string `url`")
+    if not isinstance(rec.get("url"), str):
+        raise _labels_error(where, "expected a string `url`")
     if rec.get("sentiment") not in LABELS:
         raise _labels_error(where, f"sentiment={rec.get('sentiment')!r} must be one of {LABELS}")
     if rec.get("event_type") not in EVENT_TYPES:
@@ -683,7 +679,6 @@ def _check_labels(rec, where: str) -> dict:
     if not isinstance(qa, list) or not all(isinstance(p, dict) and isinstance(p.get("question"), str)
                                            and isinstance(p.get("answer"), str) for p in qa):
         raise _labels_error(where, "`qa` must be a list of {question, answer} objects")
-    return rec
 
 
 def load_news(articles: str | Path, labels: str | Path) -> tuple[list[dict], list[dict]]:
@@ -696,13 +691,8 @@ def load_news(articles: str | Path, labels: str | Path) -> tuple[list[dict], lis
         raise FileNotFoundError(f"no file at {labels}; pass --labels (e.g. data/sample_news_labels.jsonl)")
     by_url = {a.get("url"): a for a in corpus}
     items = []
-    for n, line in enumerate(_lines(labels.read_text(encoding="utf-8")), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = _check_labels(json.loads(line), f"{labels}:{n}")
-        except json.JSONDecodeError as e:
-            raise _labels_error(f"{labels}:{n}", f"invalid JSON ({e.msg})") from None
+    for n, rec in read_jsonl(labels):
+        _check_labels(rec, f"{labels}:{n}")
         if rec["url"] not in by_url:
             raise ValueError(f"{labels}:{n}: url {rec['url']} is not in {articles}; label only articles it holds")
         items.append({**by_url[rec["url"]], "gold": rec})

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from annotate import prompts
 from annotate.schema import ANNOTATION_SCHEMA, CLEAN_SCHEMA, EXTRACT_SCHEMA, SENTIMENT_SCHEMA
+from jsonl import read_jsonl
 from llm import LLM, LLMArgs, LLMOutputError, validate
 from scrape.corpus import read_articles
 
@@ -150,21 +151,12 @@ def annotate_article(llm: LLM, article: dict, args: AnnotateArgs) -> dict:
 
 
 def _load_done(out: Path, retry_failed: bool) -> set[str]:
-    """URLs already in `out`; drops a line cut off by a crash (and failures, to retry them) by rewriting the file."""
+    """URLs already in `out`; drops a line cut off by a crash (and failures, to retry them) from the file."""
     if not out.exists():
         return set()
-    lines = out.read_text(encoding="utf-8").split("\n")  # not splitlines: article text holds U+2028 / U+0085 raw
-    if lines[-1] == "":
-        lines.pop()
-    records = []
-    for n, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n < len(lines):
-                raise ValueError(f"{out}:{n}: not valid JSON ({e.msg}); fix or delete that line to resume") from e
+    records = [r for _, r in read_jsonl(out, drop_torn_tail=True)]
     keep = [r for r in records if r.get("ok") or not retry_failed]
-    if len(keep) < len(lines):
+    if len(keep) < len(records):
         tmp = out.with_suffix(out.suffix + ".tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
         os.replace(tmp, out)

@@ -4,8 +4,8 @@
         if canonical_url(url) not in corpus:
             corpus.add(record)          # appended and flushed at once: an interrupted run loses nothing
 
-Opening a corpus whose last line was cut off by a crash drops that line (atomically) and carries on; a broken
-line anywhere else is an error naming the line.
+Opening a corpus whose last line was cut off by a crash (no newline) drops that line from the file and carries on;
+a broken line anywhere else is an error naming the line.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from jsonl import read_jsonl
 
 FIELDS = ("url", "source", "title", "published", "author", "text", "fetched_at", "sha256")
 # Query parameters that only track the click; the same article with or without them is one article.
@@ -45,21 +47,14 @@ def read_articles(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no articles at {path}; run `make scrape` or pass --articles data/sample_news.jsonl")
     articles, seen = [], set()
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                article = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one article") from e
-            for key in ("url", "text"):
-                if not isinstance(article, dict) or not isinstance(article.get(key), str) or not article[key].strip():
-                    raise ValueError(f"{path}:{n}: article needs a non-empty string {key!r} "
-                                     f"(the articles.jsonl schema: {', '.join(FIELDS)})")
-            if article["url"] not in seen:
-                seen.add(article["url"])
-                articles.append(article)
+    for n, article in read_jsonl(path):
+        for key in ("url", "text"):
+            if not isinstance(article.get(key), str) or not article[key].strip():
+                raise ValueError(f"{path}:{n}: article needs a non-empty string {key!r} "
+                                 f"(the articles.jsonl schema: {', '.join(FIELDS)})")
+        if article["url"] not in seen:
+            seen.add(article["url"])
+            articles.append(article)
     return articles
 
 
@@ -77,23 +72,10 @@ class Corpus:
         self._f = self.path.open("a", encoding="utf-8")
 
     def _load(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        good = []
-        for i, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                if i == len(lines):  # a write cut off by a crash or kill: drop it, its URL is fetched again
-                    tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-                    tmp.write_text("".join(g + "\n" for g in good), encoding="utf-8")
-                    os.replace(tmp, self.path)
-                    break
-                raise ValueError(f"{self.path}:{i}: not valid JSON ({e}); fix or delete that line") from e
-            if not isinstance(record, dict) or "url" not in record or "text" not in record:
+        # a last line cut off by a crash or kill is dropped: its URL is fetched again
+        for i, record in read_jsonl(self.path, drop_torn_tail=True):
+            if "url" not in record or "text" not in record:
                 raise ValueError(f"{self.path}:{i}: a record needs at least `url` and `text`")
-            good.append(line)
             self._remember(record)
 
     def _remember(self, record: dict) -> None:

@@ -6,9 +6,9 @@ crypto-news tasks in `crypto_seed_tasks.jsonl` (same format: id, name, instructi
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from jsonl import read_jsonl
 from selfinstruct.store import download
 
 SEED_URL = "https://raw.githubusercontent.com/yizhongw/self-instruct/main/data/seed_tasks.jsonl"
@@ -22,13 +22,7 @@ def load_seed_tasks(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no seed tasks at {path}; pass --seed-tasks PATH to a Self-Instruct seed_tasks.jsonl")
     tasks = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines: see store.py
-        if not line.strip():
-            continue
-        try:
-            task = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from e
+    for lineno, task in read_jsonl(path):
         if not isinstance(task.get("instruction"), str) or not task["instruction"].strip():
             raise ValueError(f"{path}:{lineno}: missing 'instruction' (expected the Self-Instruct seed format)")
         instances = task.get("instances")

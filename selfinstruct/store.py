@@ -14,30 +14,16 @@ import time
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
+import jsonl  # the module, not `from jsonl import read_jsonl`: this file defines its own read_jsonl
+
 USER_AGENT = "LLM-training-selfinstruct/1.0 (dataset download)"
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL state file. A last line without its newline is a write cut off by a crash: it is
-    removed from the file so the next append starts clean."""
+    """Records of a JSONL state file, [] if it is missing. A last line without its newline is a write cut off by a
+    crash: it is removed from the file so the next append starts clean."""
     path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    rows = []
-    # split on "\n" only: str.splitlines also breaks at U+2028 / U+0085, which append_jsonl writes raw (scraped text)
-    for lineno, line in enumerate(complete.decode("utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg}); delete the file to redo this step") from e
-    return rows
+    return [row for _, row in jsonl.read_jsonl(path, drop_torn_tail=True)] if path.exists() else []
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -246,7 +246,7 @@ def test_read_articles_errors(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: article needs a non-empty string 'text'"):
         read_articles(bad)
     bad.write_text('{"url": "u1", "text": "t"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
         read_articles(bad)
     dup = tmp_path / "dup.jsonl"
     dup.write_text('{"url": "u", "text": "a"}\n\n{"url": "u", "text": "b"}\n')
