@@ -102,10 +102,10 @@ def run_demo(args: DemoArgs, log=print) -> Path:
     stage("articles")  # the offline stand-in for `make scrape`; the last --heldout articles are for evaluation only
     articles = out / "articles.jsonl"
     shutil.copyfile(args.articles, articles)
-    lines = [line for line in articles.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in articles.read_text(encoding="utf-8").split("\n") if line.strip()]  # not splitlines: U+2028
     train_articles, heldout_urls = out / "articles_train.jsonl", {json.loads(x)["url"] for x in lines[-args.heldout:]}
     write_atomic(train_articles, "".join(x + "\n" for x in lines[:-args.heldout]))
-    labels = [x for x in Path(args.labels).read_text(encoding="utf-8").splitlines() if x.strip()]
+    labels = [x for x in Path(args.labels).read_text(encoding="utf-8").split("\n") if x.strip()]
     heldout_labels = out / "labels_heldout.jsonl"
     write_atomic(heldout_labels, "".join(x + "\n" for x in labels if json.loads(x)["url"] in heldout_urls))
     stats["articles"] = len(lines)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import parse_args
+from jsonl import read_jsonl
 from retrieval.chunk import STRATEGIES, ChunkArgs, chunk_article, sentence_spans
 from retrieval.embed import load_embedder
 from retrieval.index import Index
@@ -102,8 +103,8 @@ def cloze_question(article: dict, rng: random.Random, words: int) -> Question | 
 
 
 def load_corpus(args: BenchArgs) -> tuple[list[dict], dict[str, list[Question]]]:
-    articles = [json.loads(line) for line in args.sample.read_text(encoding="utf-8").splitlines() if line.strip()]
-    labels = [json.loads(line) for line in args.labels.read_text(encoding="utf-8").splitlines() if line.strip()]
+    articles = [r for _, r in read_jsonl(args.sample)]
+    labels = [r for _, r in read_jsonl(args.labels)]
     sample_q = [Question(qa["question"], rec["url"], qa["answer"]) for rec in labels for qa in rec["qa"]]
     truth = json.loads((args.benchmark / "ground-truth.json").read_text(encoding="utf-8"))
     rng, cloze_q = random.Random(args.seed), []

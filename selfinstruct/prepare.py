@@ -16,6 +16,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from jsonl import parse_jsonl
 from selfinstruct.store import download, write_jsonl
 
 SOURCES = {
@@ -29,7 +30,7 @@ SOURCES = {
 def _records(path: Path) -> list[dict]:
     """Alpaca-style records from a JSON list or a JSONL file, each with instruction, input, output."""
     text = path.read_text(encoding="utf-8")
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+    rows = json.loads(text) if text.lstrip().startswith("[") else [r for _, r in parse_jsonl(text, path)]
     out = []
     for i, r in enumerate(rows):
         if not all(isinstance(r.get(k), str) for k in ("instruction", "input", "output")):
