@@ -110,7 +110,7 @@ class _RMSNormFunction(torch.autograd.Function):
             c = torch.linalg.vecdot(u, xf).unsqueeze(-1).mul_(r * r / x.shape[-1])  # r^2 mean(u x)
             grad_x = torch.addcmul(u, xf, c, value=-1).mul_(r).type_as(x)
         if ctx.needs_input_grad[1]:
-            grad_w = (g * (xf * r).type_as(x)).flatten(0, -2).sum(0).to(weight.dtype)
+            grad_w = (g * (xf * r).type_as(x)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_w, None
 
 
