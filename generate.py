@@ -12,7 +12,12 @@ and frequency penalties; stop strings and stop tokens; streaming; and ranking fi
 
 Prompts of different lengths share one batch: they are left-padded, the padding gets document id 0 (the model's
 attention skips it) and each row keeps its own RoPE positions, so every row decodes as it would alone. A row that
-finishes leaves the batch, so it stops costing work.
+finishes leaves the batch, so it stops costing work. The decode loop is a RunningBatch (add prompts, step every live
+row), so rows can also join a batch that is already decoding (continuous batching, as serve.py does):
+
+    batch = RunningBatch(gen.model, gen.tokenizer)
+    rows = batch.add(prompts, [args] * len(prompts), seeds)   # prefill; they join the running rows
+    for row, text in batch.step(): ...                       # one token for every live row; finished rows leave
 """
 from __future__ import annotations
 
@@ -177,6 +182,119 @@ class _Row:
         return Result(self.text, self.ids, self.finish_reason, self.prompt_tokens, len(self.ids))
 
 
+class RunningBatch:
+    """Rows decoding together over one static KV cache, for continuous batching: `add` prefills new prompts and joins
+    them to the running rows, `step` samples one token for every live row, and finished rows leave. generate_ids
+    drives it, and so does serve.py's Batcher, which adds queued requests between steps.
+
+    Rows are right-aligned on a shared cache slot: a row's tokens fill slots [slot - pos, slot), where pos is its next
+    RoPE position; the slots before have document id 0 (masked), so every row decodes as it would alone."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.slot = self.size = 0  # the next cache slot to write; the cache's slots
+        self.pos = torch.zeros(0, dtype=torch.long)  # each live row's next RoPE position
+        self.logits: torch.Tensor | None = None  # (rows, V) next-token logits of the live rows
+        self.state: _SamplingState | None = None  # sampling settings of the live rows; holds the rows
+
+    @property
+    def rows(self) -> list[_Row]:
+        """The live rows, in cache-row order."""
+        return self.state.rows if self.state is not None else []
+
+    def _plan(self, prompts: list[list[int]], args: list[GenerateArgs]) -> tuple[int, int]:
+        """(slot, size) of the cache once prompts join: they end at the running slot, a longer prompt moves the
+        running rows right, and every row's remaining budget fits after the slot."""
+        _check_prompts(prompts, self.model.args.max_seq_len)
+        slot = max(self.slot, *map(len, prompts))
+        left = [r.budget - len(r.ids) for r in self.rows] + [_budget(p, a, self.model) for p, a in zip(prompts, args)]
+        return slot, slot + max(left)
+
+    def fits(self, prompts: list[list[int]], args: list[GenerateArgs]) -> bool:
+        """Whether prompts can join now (the cache stays within max_seq_len slots); a ValueError names a prompt
+        that never can."""
+        return self._plan(prompts, args)[1] <= self.model.args.max_seq_len
+
+    @torch.inference_mode()
+    def add(self, prompts: list[list[int]], args: list[GenerateArgs], seeds: list[int]) -> list[_Row]:
+        """Prefill prompts as their own batch and join them to the running rows, each with its own GenerateArgs and
+        sampling seed; return their rows. If the prefill fails, the running rows are left as they were."""
+        slot, size = self._plan(prompts, args)
+        if size > self.model.args.max_seq_len:
+            raise ValueError(f"these prompts need {size} cache slots beside the running rows (max_seq_len="
+                             f"{self.model.args.max_seq_len}); add them when fits() says so")
+        model, T = self.model, max(map(len, prompts))
+        device = model.tok_embeddings.weight.device
+        rows = [_Row(self.tokenizer, a, len(p), _budget(p, a, model), s) for p, a, s in zip(prompts, args, seeds)]
+        state, lens = _SamplingState(rows, prompts, model.args.vocab_size), torch.tensor([len(p) for p in prompts])
+        running = None
+        if self.rows:  # move the running rows to end at the new slot, with room for every budget, and set them aside
+            self._move(slot, size)
+            running = model.take_cache()
+        tokens, docs, positions = left_pad(prompts)
+        try:
+            model.setup_cache(len(rows), T + size - slot)
+            logits = model(tokens.to(device), positions=_to(positions, device), doc_ids=_to(docs, device),
+                           last_only=True)[:, -1]
+            model.resize_cache(slot - T, 0)
+        except BaseException:
+            model.clear_cache()
+            raise
+        finally:
+            if running is not None:
+                model.join_cache(running)
+        if self.rows:
+            self.logits, self.pos = torch.cat([self.logits, logits]), torch.cat([self.pos, lens])
+            self.state.join(state)
+        else:
+            self.logits, self.pos, self.state = logits, lens, state
+        self.slot, self.size = slot, size
+        return rows
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[_Row, str]]:
+        """Sample one token for every live row; return (row, new text) for rows with new text or that finished
+        (row.finish_reason is set). Finished rows leave the batch and the others run one token further."""
+        if not self.rows:
+            return []
+        nxt = self.state.sample(self.logits)
+        events, keep = [], []
+        for j, (row, tok) in enumerate(zip(self.rows, nxt.tolist())):
+            text = row.push(tok)
+            if text or row.finish_reason:
+                events.append((row, text))
+            if not row.finish_reason:
+                keep.append(j)
+        if not keep:
+            self.close()
+            return events
+        if len(keep) < len(self.rows):  # finished rows leave: later steps compute only the live ones
+            idx = torch.tensor(keep)
+            self.pos, nxt = self.pos[idx], nxt[idx]
+            self.state.keep(idx)
+            self.model.select_cache_rows(idx.to(self.logits.device))
+            last = int(self.pos.max())
+            if last < self.slot:  # the slots before slot - last are nobody's any more
+                self._move(last, self.size - self.slot + last)
+        device = self.logits.device
+        self.logits = self.model(nxt[:, None].to(device), start_pos=self.slot, positions=self.pos[:, None].to(device),
+                                 last_only=True)[:, -1]
+        self.pos, self.slot = self.pos + 1, self.slot + 1
+        return events
+
+    def close(self) -> None:
+        """Drop every row and the cache."""
+        self.model.clear_cache()
+        self.slot, self.size, self.pos, self.logits, self.state = 0, 0, self.pos[:0], None, None
+
+    def _move(self, slot: int, size: int) -> None:
+        """Make the running rows end at cache slot `slot` (adding or dropping slots before them) in `size` slots."""
+        front = slot - self.slot
+        if front or size != self.size + front:
+            self.model.resize_cache(front, size - self.size - front)
+        self.slot, self.size = slot, size
+
+
 class Generator:
     """A model and its tokenizer, ready to generate text and score options."""
 
@@ -214,52 +332,30 @@ class Generator:
     def generate_ids(self, prompts: list[list[int]], args: GenerateArgs | list[GenerateArgs],
                      on_text: OnText | None = None) -> list[Result]:
         """Complete token-id prompts. Row i samples from its own generator seeded with args.seed + i (or, with one
-        GenerateArgs per row, with that row's seed), so its sample does not depend on the rest of the batch."""
+        GenerateArgs per row, with that row's seed), so its sample does not depend on the rest of the batch. Prompts
+        join one RunningBatch in order, as soon as the cache has room (at once, unless near max_seq_len)."""
         per_row = isinstance(args, (list, tuple))
         row_args = list(args) if per_row else [args] * len(prompts)
         if len(row_args) != len(prompts):
             raise ValueError(f"got {len(row_args)} GenerateArgs for {len(prompts)} prompts")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty: give at least one token")
         if not prompts:
             return []
-        model, max_len = self.model, self.model.args.max_seq_len
-        T = max(map(len, prompts))
-        if T >= max_len:
-            raise ValueError(f"a prompt of {T} tokens leaves no room to generate (max_seq_len={max_len})")
-        rows = [_Row(self.tokenizer, a, len(p), min(a.max_new_tokens, max_len - T), a.seed if per_row else a.seed + i)
-                for i, (p, a) in enumerate(zip(prompts, row_args))]
-        state = _SamplingState(rows, prompts, model.args.vocab_size)
-        tokens, docs, positions = left_pad(prompts)
-        live = list(range(len(rows)))  # row index of each batch row
-        lens = torch.tensor([len(p) for p in prompts])
-        device = model.tok_embeddings.weight.device
-        model.setup_cache(len(rows), T + max(r.budget for r in rows))
+        _check_prompts(prompts, self.model.args.max_seq_len)
+        seeds = [a.seed if per_row else a.seed + i for i, a in enumerate(row_args)]
+        batch, rows, index = RunningBatch(self.model, self.tokenizer), [], {}
         try:
-            logits = model(tokens.to(device), positions=_to(positions, device), doc_ids=_to(docs, device),
-                           last_only=True)[:, -1]
-            for step in range(max(r.budget for r in rows)):
-                nxt = state.sample(logits)
-                done = []
-                for j, (i, tok) in enumerate(zip(live, nxt.tolist())):
-                    text = rows[i].push(tok)
-                    if on_text is not None and (text or rows[i].finish_reason):
-                        on_text(i, text, rows[i].result() if rows[i].finish_reason else None)
-                    if rows[i].finish_reason:
-                        done.append(j)
-                if len(done) == len(live):
-                    break
-                if done:  # finished rows leave the batch: later steps compute only the live ones
-                    keep = torch.tensor([j for j in range(len(live)) if j not in done])
-                    live = [live[j] for j in keep.tolist()]
-                    nxt, lens = nxt[keep], lens[keep]
-                    state.keep(keep)
-                    model.select_cache_rows(keep.to(device))
-                pos = None if docs is None else (lens + step)[:, None].to(device)
-                logits = model(nxt[:, None].to(device), start_pos=T + step, positions=pos, last_only=True)[:, -1]
+            while len(rows) < len(prompts) or batch.rows:
+                n, end = len(rows), len(rows)
+                while end < len(prompts) and batch.fits(prompts[n:end + 1], row_args[n:end + 1]):
+                    end += 1
+                if end > n:
+                    rows += batch.add(prompts[n:end], row_args[n:end], seeds[n:end])
+                    index.update((row, i) for i, row in enumerate(rows[n:], n))
+                for row, text in batch.step():
+                    if on_text is not None:
+                        on_text(index[row], text, row.result() if row.finish_reason else None)
         finally:
-            model.clear_cache()
+            batch.close()
         return [r.result() for r in rows]
 
     @torch.inference_mode()
@@ -333,9 +429,10 @@ class Generator:
 
 class _SamplingState:
     """Per-row sampling parameters and token counts of the live batch rows, as tensors."""
+    PARAMS = ("temperature", "top_k", "top_p", "repetition", "presence", "frequency")
 
     def __init__(self, rows: list[_Row], prompts: list[list[int]], vocab_size: int):
-        self.rows = rows
+        self.rows, self.vocab_size = rows, vocab_size
         a = [r.args for r in rows]
         self.temperature = torch.tensor([x.temperature for x in a])
         self.top_k = torch.tensor([x.top_k for x in a])
@@ -343,7 +440,6 @@ class _SamplingState:
         self.repetition = torch.tensor([x.repetition_penalty for x in a])
         self.presence = torch.tensor([x.presence_penalty for x in a])
         self.frequency = torch.tensor([x.frequency_penalty for x in a])
-        self.live = torch.arange(len(rows))
         self.hot = (self.temperature > 0).nonzero()[:, 0]  # batch rows that sample (the others are greedy)
         self.seen = self.counts = None
         if (self.repetition != 1).any():
@@ -354,11 +450,26 @@ class _SamplingState:
             self.counts = torch.zeros(len(rows), vocab_size)
 
     def keep(self, keep: torch.Tensor) -> None:
-        for name in ("temperature", "top_k", "top_p", "repetition", "presence", "frequency", "live"):
+        for name in self.PARAMS:
             setattr(self, name, getattr(self, name)[keep])
+        self.rows = [self.rows[j] for j in keep.tolist()]
         self.hot = (self.temperature > 0).nonzero()[:, 0]
         self.seen = None if self.seen is None else self.seen[keep]
         self.counts = None if self.counts is None else self.counts[keep]
+
+    def join(self, other: _SamplingState) -> None:
+        """Append the rows of `other` (rows joining the batch). A row without penalties gets neutral ones (penalty
+        1 or 0), which leave its logits exactly as they were."""
+        for name in self.PARAMS:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        for name, dtype in (("seen", torch.bool), ("counts", torch.float32)):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is not None or theirs is not None:
+                setattr(self, name, torch.cat([
+                    mine if mine is not None else torch.zeros(len(self.rows), self.vocab_size, dtype=dtype),
+                    theirs if theirs is not None else torch.zeros(len(other.rows), self.vocab_size, dtype=dtype)]))
+        self.rows = self.rows + other.rows
+        self.hot = (self.temperature > 0).nonzero()[:, 0]
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Next token of every live row from its last logits (B, V); also records them for the penalties."""
@@ -371,12 +482,28 @@ class _SamplingState:
             warped = top_k_top_p(logits[hot] / self.temperature[hot, None], self.top_k[hot], self.top_p[hot])
             probs = warped.softmax(-1)
             for j, b in enumerate(hot.tolist()):
-                nxt[b] = torch.multinomial(probs[j], 1, generator=self.rows[int(self.live[b])].gen)[0]
+                nxt[b] = torch.multinomial(probs[j], 1, generator=self.rows[b].gen)[0]
         if self.seen is not None:
             self.seen[torch.arange(len(nxt)), nxt] = True
         if self.counts is not None:
             self.counts[torch.arange(len(nxt)), nxt] += 1
         return nxt
+
+
+def _check_prompts(prompts: list[list[int]], max_len: int) -> None:
+    """Raise ValueError for an empty list or prompt, or one that leaves no room to generate."""
+    if not prompts:
+        raise ValueError("no prompts: give at least one")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+        if len(p) >= max_len:
+            raise ValueError(f"a prompt of {len(p)} tokens leaves no room to generate (max_seq_len={max_len})")
+
+
+def _budget(prompt: list[int], args: GenerateArgs, model) -> int:
+    """Most tokens a row may generate: max_new_tokens, within max_seq_len positions (as the prompt alone)."""
+    return min(args.max_new_tokens, model.args.max_seq_len - len(prompt))
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:

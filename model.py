@@ -280,6 +280,36 @@ class Transformer(nn.Module):
             cache.k, cache.v = cache.k[rows], cache.v[rows]
         self._cache_docs = self._cache_docs[rows]
 
+    def resize_cache(self, front: int, back: int) -> None:
+        """Add empty slots (document id 0: never attended to) before and after the cached ones, or drop slots where
+        negative: aligns separately prefilled rows before join_cache, grows the cache, trims slots no row uses."""
+        if self._cache_docs.shape[1] + front + back > self.args.max_seq_len:
+            raise ValueError(f"a cache of {self._cache_docs.shape[1] + front + back} slots exceeds "
+                             f"max_seq_len={self.args.max_seq_len}")
+        for layer in self.layers:
+            cache = layer.attention.cache
+            cache.k, cache.v = F.pad(cache.k, (0, 0, front, back)), F.pad(cache.v, (0, 0, front, back))
+        self._cache_docs = F.pad(self._cache_docs, (front, back))
+        self._cache_masked = self._cache_masked or front > 0
+
+    def take_cache(self) -> tuple:
+        """Remove the KV cache and return it, to put back with join_cache (e.g. around a separate prefill)."""
+        taken = ([layer.attention.cache for layer in self.layers], self._cache_docs, self._cache_masked)
+        self.clear_cache()
+        return taken
+
+    def join_cache(self, taken: tuple) -> None:
+        """Put a taken cache back; the rows of a cache set up meanwhile (same number of slots) follow its rows."""
+        caches, docs, masked = taken
+        if self._cache_docs is not None:
+            for layer, old in zip(self.layers, caches):
+                new = layer.attention.cache
+                old.k, old.v = torch.cat([old.k, new.k]), torch.cat([old.v, new.v])
+            docs, masked = torch.cat([docs, self._cache_docs]), masked or self._cache_masked
+        for layer, cache in zip(self.layers, caches):
+            layer.attention.cache = cache
+        self._cache_docs, self._cache_masked = docs, masked
+
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None

@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP server over generate.py (FastAPI + uvicorn): GET /v1/models, POST /v1/completions and
-POST /v1/chat/completions, plain or streamed as server-sent events. Concurrent requests are batched into one generation.
+POST /v1/chat/completions, plain or streamed as server-sent events. Requests are batched continuously.
 
     python serve.py                                             # the embedded SmolLM2 on http://127.0.0.1:8000
     python serve.py --checkpoint out/merged --adapter news=out/run/adapter --port 8080
@@ -10,10 +10,13 @@ POST /v1/chat/completions, plain or streamed as server-sent events. Concurrent r
     client.chat.completions.create(model="news", messages=[{"role": "user", "content": "What moved BTC?"}])
 
 Model names: the base model's (--name, else its file or folder name) and one per adapter (NAME=DIR, else the folder's
-name); adapters share the base weights. A background thread waits --batch-wait-ms for more requests after the first,
-runs each model's rows as one batch (every row with its own sampling settings and seed) and streams each row to its
-client as it is decoded. Sampling follows OpenAI (temperature 1 by default); `top_k` and `repetition_penalty` are
-accepted as extensions.
+name); adapters share the base weights. One background thread decodes each model's rows as one running batch (every
+row with its own sampling settings and seed) and streams each row to its client as it is decoded. Batching is
+continuous: between two decode steps, requests that arrived join the running batch (up to --max-batch rows decoding
+at once; a request that does not fit waits, in order, for rows to finish), and finished rows leave it, so a request
+never waits for a whole batch to end. When the server is idle, it waits --batch-wait-ms after a request for others
+to start with it, sharing one prefill. Every row gets the tokens it would get alone. Sampling follows OpenAI
+(temperature 1 by default); `top_k` and `repetition_penalty` are accepted as extensions.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -41,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from cli import parse_args
-from generate import GenerateArgs, Generator, Result
+from generate import GenerateArgs, Generator, Result, RunningBatch
 
 log = logging.getLogger("serve")
 # OpenAI parameters this server does not implement: asking for them is an error rather than silently ignored
@@ -64,9 +68,10 @@ class ServeArgs:
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (all cores)"})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "longest prompt accepted, in tokens"})
     max_tokens: int = field(default=512, metadata={"help": "most tokens one request may generate"})
-    max_batch: int = field(default=16, metadata={"help": "most rows (prompts x n) generated in one batch"})
+    max_batch: int = field(default=16, metadata={"help": "most rows (prompts x n) decoding at once"})
     batch_wait_ms: float = field(default=20.0, metadata={
-        "help": "after a request arrives, wait this long for others to batch with it (under one decode step)"})
+        "help": "when idle, wait this long after a request for others to start with it (later ones join between "
+                "decode steps)"})
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -125,12 +130,15 @@ class Job:
 
 
 class Batcher:
-    """One thread that runs queued jobs in batches: it waits for a job, collects those arriving within `wait_s`
-    (up to max_batch rows), generates each model's rows as one batch and streams every row back to its job."""
+    """One thread that batches jobs continuously: each model has one RunningBatch, and between its decode steps
+    queued jobs join it (in order, while the live rows stay within max_batch and its cache within max_seq_len), and
+    finished rows leave. When idle, it waits `wait_s` after a job arrives so that requests sent together share one
+    prefill. Counters: `batches` running batches started from idle, `joins` jobs that joined a batch already
+    decoding, `steps` decode steps."""
 
     def __init__(self, generators: dict[str, Generator], max_batch: int, wait_s: float):
         self.generators, self.max_batch, self.wait_s = generators, max_batch, wait_s
-        self.batches = 0  # generation batches run so far
+        self.batches = self.joins = self.steps = 0
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
 
@@ -138,6 +146,7 @@ class Batcher:
         self._thread.start()
 
     def stop(self) -> None:
+        """Finish the jobs already submitted, then end the thread."""
         self._queue.put(None)
         self._thread.join()
 
@@ -145,41 +154,92 @@ class Batcher:
         self._queue.put(job)
 
     def _run(self) -> None:
-        carry: list[Job | None] = []  # a job that did not fit the last batch, or the stop signal
-        while True:
-            first = carry.pop() if carry else self._queue.get()
-            if first is None:
-                return
-            jobs, rows = [first], len(first.prompts)
-            deadline = time.monotonic() + self.wait_s
-            while rows < self.max_batch:
-                try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None or rows + len(job.prompts) > self.max_batch:
-                    carry.append(job)
-                    break
-                jobs.append(job)
-                rows += len(job.prompts)
-            for model in dict.fromkeys(j.model for j in jobs):
-                self._generate([j for j in jobs if j.model == model])
+        running = {name: RunningBatch(g.model, g.tokenizer) for name, g in self.generators.items()}
+        owners: dict = {}  # each live row (a generate._Row) -> (its job, its row in the job)
+        waiting: deque[Job] = deque()
+        open_ = True  # until stop()
+        while open_ or waiting or owners:
+            if open_:  # idle: block for a job, then give others wait_s to join it; busy: take what is queued
+                open_ = self._collect(waiting, self.wait_s if not waiting and not owners else None)
+            self._admit(waiting, running, owners)
+            for batch in running.values():
+                if batch.rows:
+                    self._step(batch, owners)
 
-    def _generate(self, jobs: list[Job]) -> None:
-        owners = [(j, r) for j in jobs for r in range(len(j.prompts))]
+    def _collect(self, waiting: deque[Job], wait_s: float | None) -> bool:
+        """Move queued jobs to `waiting`, up to max_batch rows: those already queued or, with wait_s (when idle),
+        the next job to arrive and those arriving within wait_s after it. False once stop() was called."""
+        deadline = None
+        if wait_s is not None:
+            job = self._queue.get()
+            if job is None:
+                return False
+            waiting.append(job)
+            deadline = time.monotonic() + wait_s
+        while sum(len(j.prompts) for j in waiting) < self.max_batch:
+            try:
+                job = self._queue.get(timeout=0.0 if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            waiting.append(job)
+        return True
 
-        def on_text(i: int, text: str, result: Result | None) -> None:
-            job, row = owners[i]
-            job.emit(row, text, result)
+    def _admit(self, waiting: deque[Job], running: dict[str, RunningBatch], owners: dict) -> None:
+        """Join waiting jobs, in order, to their model's running batch while they fit: one prefill per model."""
+        live, joining = len(owners), {}
+        while waiting:
+            job = waiting[0]
+            batch, group = running.get(job.model), joining.get(job.model, [])
+            try:
+                if batch is None:
+                    raise ValueError(f"model {job.model!r} does not exist; this server has {sorted(running)}")
+                prompts, args = [p for j in group for p in j.prompts], [a for j in group for a in j.args]
+                fits = batch.fits(job.prompts, job.args) and batch.fits(prompts + job.prompts, args + job.args)
+                if not batch.rows and not group and (not fits or len(job.prompts) > self.max_batch):
+                    raise ValueError(f"the job's {len(job.prompts)} rows do not fit one batch (max_batch="
+                                     f"{self.max_batch}, max_seq_len={batch.model.args.max_seq_len})")
+            except ValueError as e:  # this job can never run: fail it alone
+                waiting.popleft()
+                job.fail(f"generation failed: {e}")
+                continue
+            if not fits or live + len(job.prompts) > self.max_batch:
+                break  # the next step boundary may have room; later jobs keep their place behind it
+            joining[job.model] = group + [waiting.popleft()]
+            live += len(job.prompts)
+        for model, jobs in joining.items():
+            batch, started = running[model], not running[model].rows
+            try:
+                rows = batch.add([p for j in jobs for p in j.prompts], [a for j in jobs for a in j.args],
+                                 [a.seed for j in jobs for a in j.args])
+            except Exception as e:  # noqa: BLE001 -- a failed prefill fails its jobs; the running rows go on
+                log.exception("prefill failed")
+                for j in jobs:
+                    j.fail(f"generation failed: {e}")
+                continue
+            owners.update(zip(rows, [(j, r) for j in jobs for r in range(len(j.prompts))]))
+            self.batches += started
+            self.joins += 0 if started else len(jobs)
 
+    def _step(self, batch: RunningBatch, owners: dict) -> None:
+        """One decode step of a running batch; streams each row's text to its job."""
+        rows = list(batch.rows)
         try:
-            self.generators[jobs[0].model].generate_ids([p for j in jobs for p in j.prompts],
-                                                        [a for j in jobs for a in j.args], on_text)
-            self.batches += 1
-        except Exception as e:  # noqa: BLE001 -- a failed batch must fail its requests, not the server
+            events = batch.step()
+        except Exception as e:  # noqa: BLE001 -- a failed step fails the requests in this batch, not the server
             log.exception("generation failed")
-            for j in jobs:
-                j.fail(f"generation failed: {e}")
+            batch.close()
+            for job in dict.fromkeys(owners.pop(r)[0] for r in rows):
+                job.fail(f"generation failed: {e}")
+            return
+        self.steps += 1
+        for row, text in events:
+            job, r = owners.pop(row) if row.finish_reason else owners[row]
+            try:
+                job.emit(r, text, row.result() if row.finish_reason else None)
+            except Exception:  # noqa: BLE001 -- one client's stream must not stop the others
+                log.exception("streaming a row failed")
 
 
 # ------------------------------------------------------------------------------------------------- API schema

@@ -4,7 +4,7 @@
     python -m bench.serve                            # ~3 minutes on 2 quiet cores
     python -m bench.serve --max-tokens 32 --repeats 2 --dtype float32
 
-Target: serve_8_concurrent_vs_sequential >= 4x (the server batches concurrent requests into one generation).
+Target: serve_8_concurrent_vs_sequential >= 4x (the server decodes concurrent requests in one running batch).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ transformers' logits processors, stops, streaming of multi-byte text, seeds, opt
 import pytest
 import torch
 
-from generate import GenerateArgs, Generator, _Row, main, penalize, top_k_top_p
+from generate import GenerateArgs, Generator, RunningBatch, _Row, main, penalize, top_k_top_p
 from model import ModelArgs, Transformer
 
 
@@ -83,6 +83,66 @@ def test_batched_mixed_lengths_equal_each_prompt_alone():
         assert r.token_ids == alone.token_ids and r.text == alone.text
         assert r.token_ids == greedy_alone(gen, gen.encode(p), a.max_new_tokens)
         assert r.prompt_tokens == len(p.encode()) + 1  # + BOS
+
+
+def alone(gen: Generator, prompt: list[int], args: GenerateArgs) -> list[int]:
+    return gen.generate_ids([prompt], [args])[0].token_ids
+
+
+def cache_slots(gen: Generator) -> int:
+    return gen.model.layers[0].attention.cache.k.shape[2]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_rows_joining_mid_decode_equal_each_prompt_alone(temperature):
+    gen = tiny_generator(seed=2, allowed="abcdefgh ")  # no EOS: every row runs its whole budget
+    sampled = dict(temperature=temperature, top_k=40 * (temperature > 0))
+    first = [(ids_of("bull run"), GenerateArgs(max_new_tokens=24, seed=3, **sampled))]
+    longer = (ids_of("a prompt longer than the running rows"), GenerateArgs(max_new_tokens=10, seed=4, **sampled))
+    shorter = (ids_of("x"), GenerateArgs(max_new_tokens=5, seed=5, repetition_penalty=1.5, **sampled))
+    big = (ids_of("dig"), GenerateArgs(max_new_tokens=60, seed=6, frequency_penalty=0.5, **sampled))
+    batch, rows = RunningBatch(gen.model, gen.tokenizer), []
+
+    def join(jobs):
+        rows.extend(batch.add([p for p, _ in jobs], [a for _, a in jobs], [a.seed for _, a in jobs]))
+
+    join(first)
+    assert (batch.slot, batch.size) == (8, 8 + 24)
+    for _ in range(3):
+        batch.step()
+    assert batch.slot == 8 + 3 < len(longer[0]) == 37
+    join([longer, shorter])  # the running row moves right, to end where the longer prompt ends
+    assert (batch.slot, batch.size) == (37, 37 + 24 - 3) and cache_slots(gen) == 58
+    for _ in range(6):
+        batch.step()  # the shorter row finishes and leaves after 5 tokens
+    assert len(batch.rows) == 2 and batch.slot == 37 + 6
+    join([big])  # its 60-token budget needs more cache slots than the running rows
+    assert (batch.slot, batch.size) == (43, 43 + 60) and cache_slots(gen) == 103
+    while len(batch.rows) == 3:
+        batch.step()  # the longer row leaves after its 10th token: the slots only its prompt used are dropped
+    assert batch.slot == int(batch.pos.max()) == 8 + 3 + 6 + 4  # the first row's tokens: prompt + 13 steps
+    while batch.rows:
+        batch.step()
+    for row, (p, a) in zip(rows, first + [longer, shorter, big]):
+        assert row.ids == alone(gen, p, a) and len(row.ids) == a.max_new_tokens
+        if not temperature and a.repetition_penalty == 1 and not a.frequency_penalty:
+            assert row.ids == greedy_alone(gen, p, a.max_new_tokens)  # and as full forwards without a cache
+    assert gen.model.layers[0].attention.cache is None  # the last row to leave frees the cache
+
+
+def test_prompts_that_do_not_fit_the_cache_together_join_later():
+    gen = tiny_generator(seed=5, allowed="abcdefgh ", max_seq_len=64)
+    prompts = [ids_of("short one."), ids_of("a much longer prompt, of forty tokens...")]
+    args = [GenerateArgs(max_new_tokens=60), GenerateArgs(max_new_tokens=20)]  # 40 + 54 slots exceed max_seq_len
+    sizes = []
+    hook = gen.model.tok_embeddings.register_forward_hook(lambda m, inp, out: sizes.append(tuple(inp[0].shape)))
+    res = gen.generate_ids(prompts, args)
+    hook.remove()
+    # row 1 joins as soon as row 0's 24 tokens left fit beside it (after 30 steps), and leaves first
+    assert sizes[0] == (1, 10) and sizes.index((1, 40)) == 1 + 30 and sizes[-1] == (1, 1)
+    assert [r.completion_tokens for r in res] == [54, 20]  # row 0 keeps its budget as alone (64 - 10)
+    for p, a, r in zip(prompts, args, res):
+        assert r.token_ids == alone(gen, p, a)
 
 
 def test_eos_ends_a_row_and_is_not_in_the_text():

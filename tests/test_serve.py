@@ -1,5 +1,6 @@
 """serve.py on 127.0.0.1 with a tiny model: the official `openai` client, plain and streaming, adapters by model name,
-OpenAI-shaped 4xx errors, the bearer key, and concurrent clients batched into one generation."""
+OpenAI-shaped 4xx errors, the bearer key, concurrent clients batched into one generation, and continuous batching:
+requests joining a running batch between decode steps, each answered as alone, and a failing job failing alone."""
 import socket
 import threading
 import time
@@ -221,6 +222,86 @@ def test_batcher_runs_waiting_jobs_as_one_batch():
     assert batcher.batches == 1
     for i, (p, a) in enumerate(zip(prompts, args)):
         assert got[i] == gen.generate_ids([p], a)[0].token_ids
+
+
+def test_a_job_submitted_while_another_decodes_joins_its_batch():
+    gen = tiny_generator(seed=3, allowed="abcdefgh ")
+    batcher = Batcher({"tiny": gen}, max_batch=8, wait_s=0.0)
+    first = (ids_of("bull run"), GenerateArgs(max_new_tokens=30, temperature=0.9, seed=11))
+    second = (ids_of("a longer prompt than the first"), GenerateArgs(max_new_tokens=8))
+    events, got, done = [], {}, threading.Event()
+
+    def emit(name, row, text, result):
+        events.append((name, result is not None))
+        if name == "first" and len(events) == 1:  # first's first token: submit second while first decodes
+            batcher.submit(Job("tiny", [second[0]], [second[1]], emit=lambda *ev: emit("second", *ev),
+                               fail=pytest.fail))
+        if result is not None:
+            got[name] = result.token_ids
+            if len(got) == 2:
+                done.set()
+
+    batcher.submit(Job("tiny", [first[0]], [first[1]], emit=lambda *ev: emit("first", *ev), fail=pytest.fail))
+    batcher.start()
+    assert done.wait(60)
+    batcher.stop()
+    # one running batch, which second joined; its tokens stream, and it ends, while first is still decoding
+    assert (batcher.batches, batcher.joins, batcher.steps) == (1, 1, 30)
+    assert events.index(("second", False)) < events.index(("second", True)) < events.index(("first", True))
+    for name, (p, a) in (("first", first), ("second", second)):
+        assert got[name] == gen.generate_ids([p], [a])[0].token_ids
+
+
+def test_a_failing_job_fails_alone_while_others_decode():
+    gen = tiny_generator(seed=3, allowed="abcdefgh ")
+    batcher = Batcher({"tiny": gen}, max_batch=4, wait_s=0.0)
+    args = GenerateArgs(max_new_tokens=20)
+    bad = {"bad id": [[5, 10**6]], "empty": [[]], "too many": [[5]] * 5}  # a prefill that raises; never valid
+    got, failed, done = [], {}, threading.Event()
+
+    def emit(row, text, result):
+        if len(got) == 0:  # while "ok" decodes
+            for name, prompts in bad.items():
+                batcher.submit(Job("tiny", prompts, [args] * len(prompts), emit=lambda *ev: None,
+                                   fail=lambda message, name=name: failed.update({name: message})))
+        got.append(result)
+        if result is not None:
+            done.set()
+
+    batcher.submit(Job("tiny", [ids_of("dig")], [args], emit=emit, fail=pytest.fail))
+    batcher.start()
+    assert done.wait(60)
+    batcher.stop()
+    assert sorted(failed) == sorted(bad)
+    assert "index out of range" in failed["bad id"] and "prompt 0 is empty" in failed["empty"]
+    assert "max_batch=4" in failed["too many"]
+    assert got[-1].token_ids == gen.generate_ids([ids_of("dig")], args)[0].token_ids
+
+
+def test_a_request_sent_while_another_streams_joins_it_over_http():
+    gen = tiny_generator(seed=3, allowed="abcdefgh ")
+    # a slow model (10 ms a forward), so that the second request surely arrives while the first decodes
+    gen.model.register_forward_pre_hook(lambda m, inp: time.sleep(0.01))
+    app = create_app({"tiny": gen}, ServeArgs(max_prompt_tokens=32, max_tokens=64, batch_wait_ms=0))
+    refs = [gen.generate(["bag"], GenerateArgs(max_new_tokens=60))[0].text,
+            gen.generate(["head"], GenerateArgs(max_new_tokens=5))[0].text]
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        texts, second = [], {}
+        ask = threading.Thread(target=lambda: second.update(text=client.completions.create(
+            model="tiny", prompt="head", max_tokens=5, temperature=0).choices[0].text))
+        for chunk in client.completions.create(model="tiny", prompt="bag", max_tokens=60, temperature=0,
+                                               stream=True):
+            texts.append(chunk.choices[0].text)
+            if len(texts) == 1:
+                ask.start()
+            if "text" in second and "answered_at" not in second:
+                second["answered_at"] = len(texts)
+        ask.join(timeout=60)
+    assert "".join(texts) == refs[0] and second["text"] == refs[1]
+    assert second["answered_at"] < 60  # answered while the first was still streaming its 60 tokens
+    batcher = app.state.batcher
+    assert (batcher.batches, batcher.joins) == (1, 1)
 
 
 def test_cli_bad_flags_exit_with_a_clear_message(capsys):
