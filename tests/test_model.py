@@ -135,6 +135,31 @@ def test_left_padded_batch_equals_rows_alone():
     torch.testing.assert_close(step[:, 0], torch.stack([ref_a[0, -1], ref_b[0, -1]]), atol=1e-5, rtol=1e-5)
 
 
+def test_resized_and_joined_caches_decode_each_row_as_alone():
+    """resize_cache (empty slots before and after the cached ones), take_cache and join_cache (two separately
+    prefilled caches as one batch): each row's next logits equal a full forward of its tokens alone."""
+    model = tiny()
+    a, b, nxt = torch.randint(0, 256, (1, 6)), torch.randint(0, 256, (1, 9)), torch.randint(0, 256, (2, 1))
+    with torch.no_grad():
+        model.setup_cache(1, 8)
+        model(a)  # row a ends at slot 6
+        model.resize_cache(3, 1)  # 3 masked slots before it: it now ends at slot 9, like b; 12 slots in all
+        assert model.layers[0].attention.cache.k.shape[2] == 12 and model._cache_docs[0, :3].eq(0).all()
+        taken = model.take_cache()
+        assert model.layers[0].attention.cache is None
+        model.setup_cache(1, 12)
+        model(b)
+        model.join_cache(taken)  # rows: a, then b
+        step = model(nxt, start_pos=9, positions=torch.tensor([[6], [9]]))
+        model.clear_cache()
+        ref_a, ref_b = model(torch.cat([a, nxt[:1]], 1)), model(torch.cat([b, nxt[1:]], 1))
+        torch.testing.assert_close(step[:, 0], torch.stack([ref_a[0, -1], ref_b[0, -1]]), atol=1e-5, rtol=1e-5)
+        model.setup_cache(1, 8)
+        with pytest.raises(ValueError, match="max_seq_len"):
+            model.resize_cache(0, model.args.max_seq_len)
+        model.clear_cache()
+
+
 def test_packed_row_equals_documents_alone():
     model = tiny()
     lens = [5, 7, 4]
