@@ -196,6 +196,7 @@ class Batcher:
                 if batch is None:
                     raise ValueError(f"model {job.model!r} does not exist; this server has {sorted(running)}")
                 prompts, args = [p for j in group for p in j.prompts], [a for j in group for a in j.args]
+                # the job alone first: a bad prompt's error then gives its index within this job
                 fits = batch.fits(job.prompts, job.args) and batch.fits(prompts + job.prompts, args + job.args)
                 if not batch.rows and not group and (not fits or len(job.prompts) > self.max_batch):
                     raise ValueError(f"the job's {len(job.prompts)} rows do not fit one batch (max_batch="
