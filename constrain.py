@@ -1,0 +1,274 @@
+r"""Constrained decoding: an incremental recognizer, over UTF-8 bytes, of one JSON value that matches a JSON schema.
+
+    c = JsonConstraint(EXTRACT_SCHEMA)
+    c.accepts(b'{"co')      # may the generator emit this token? (the state is unchanged)
+    c.feed(b'{"co')         # emit it; then c.complete: end-of-sequence allowed, c.closed: stop now
+
+The generator asks, for each candidate token, whether its bytes keep the output a prefix of a valid answer, so a
+small model cannot write JSON that `llm.validate` rejects. The state is a stack of immutable tuple frames: a check
+costs O(len(data)), and a copy shares the stack. What is accepted:
+- JSON per RFC 8259. Whitespace (space \t \n \r) before and after the root value and between tokens, at most
+  `max_ws` bytes in a row (small models otherwise loop on newlines). Only whitespace may follow the root value.
+- Strings: no unescaped `"`, `\` or control byte < 0x20; escapes \" \\ \/ \b \f \n \r \t \uXXXX. Bytes >= 0x80
+  pass as they come (the tokenizer's UTF-8 is not checked). Outside strings only ASCII JSON syntax.
+- Numbers: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?; type "integer" (without "number") only -?(0|[1-9][0-9]*).
+  A root number is `complete` once it could end but not `closed`, since more digits could follow.
+- Keywords are those of llm.check_schema. `type` (absent: any) is checked on the first byte of a value.
+  `enum`: the value is one of the candidates exactly as json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+  writes them (so "\u00e9" does not match "é", nor a spaced object); candidates the rest of the schema rejects
+  are dropped. minimum/maximum are NOT enforced while decoding: llm.validate checks them afterwards.
+- Objects: `properties` keys take their schema, other keys take additionalProperties (False: rejected; a dict: that
+  schema; else any value). With additionalProperties False a key is an unused property name exactly as
+  json.dumps(k, ensure_ascii=False) writes it; otherwise any string, decoded (escapes included) to pick its schema,
+  and a key already used is rejected at its closing quote. `}` needs every `required` key; `,` needs a key that can
+  still be added.
+- Arrays: every element matches `items` (absent: any); `[]` is allowed.
+- `closed`: the root value ended with a byte nothing can extend (`}`, `]`, `"`, true/false/null, a whole enum
+  candidate); only whitespace may follow.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+# The subset llm.check_schema accepts, copied: this module is standard-library only (llm needs numpy).
+SCHEMA_KEYWORDS = {"type", "properties", "required", "enum", "items", "minimum", "maximum", "additionalProperties"}
+SCHEMA_ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "$schema"}
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+# Frame kinds; a frame is a tuple whose first item is its kind.
+END, VAL, OBJ, ARR, STR, LIT, NUM = range(7)
+# Container states: after the opening bracket, after a key (objects), after a member, after a comma.
+START, COLON, AFTER, COMMA = range(4)
+_WS = frozenset(b" \t\n\r")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = frozenset(b'"\\/bfnrtu')
+_PLAIN = re.compile(rb'[^"\\\x00-\x1f]+')  # string bytes that change nothing: skip them in one step
+_KIND = {ord("{"): "object", ord("["): "array", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean",
+         ord("n"): "null", **dict.fromkeys(b"-0123456789", "number")}
+_WORDS = {ord("t"): b"true", ord("f"): b"false", ord("n"): b"null"}
+
+
+def _number_table(integer: bool) -> list[dict[int, int]]:
+    """DFA of RFC 8259 numbers. States: 0 start, 1 after '-', 2 after a leading '0', 3 integer digits,
+    4 after '.', 5 fraction digits, 6 after 'e', 7 after the exponent sign, 8 exponent digits."""
+    digits, first = b"0123456789", {ord("0"): 2, **dict.fromkeys(b"123456789", 3)}
+    table = [{ord("-"): 1, **first}, first, {}, dict.fromkeys(digits, 3), dict.fromkeys(digits, 5),
+             dict.fromkeys(digits, 5), {ord("+"): 7, ord("-"): 7, **dict.fromkeys(digits, 8)},
+             dict.fromkeys(digits, 8), dict.fromkeys(digits, 8)]
+    if not integer:
+        for state in (2, 3, 5):
+            table[state].update({ord("e"): 6, ord("E"): 6, **({ord("."): 4} if state != 5 else {})})
+    return table
+
+
+_NUMBER, _INTEGER = _number_table(False), _number_table(True)
+_ENDS = {2, 3, 5, 8}  # states in which a number may end
+
+
+class _Node:
+    """One compiled (sub-)schema: the kinds a value may start as, and the schemas of its members."""
+    __slots__ = ("kinds", "table", "props", "keys", "required", "closed", "extra", "items", "enum")
+
+    def __init__(self, schema: dict, path: str):
+        if not isinstance(schema, dict):
+            raise ValueError(f"{path}: a schema must be a dict, got {schema!r}")
+        unknown = set(schema) - SCHEMA_KEYWORDS - SCHEMA_ANNOTATIONS
+        if unknown:
+            raise ValueError(f"{path}: unsupported JSON-schema keywords {sorted(unknown)}; "
+                             f"constrain knows {sorted(SCHEMA_KEYWORDS)}")
+        types = schema.get("type", list(TYPES))
+        types = [types] if isinstance(types, str) else types
+        if not isinstance(types, list) or not set(types) <= set(TYPES):
+            raise ValueError(f"{path}.type: {types!r} is not a name or list of names from {list(TYPES)}")
+        for key, want in (("properties", dict), ("required", list), ("enum", list)):
+            if not isinstance(schema.get(key, want()), want):
+                raise ValueError(f"{path}.{key}: expected a {want.__name__}, got {schema[key]!r}")
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+        self.kinds = {"number" if t == "integer" else t for t in types}
+        self.table = _INTEGER if "integer" in types and "number" not in types else _NUMBER
+        self.props = {k: _Node(v, f"{path}.properties.{k}") for k, v in props.items()}
+        self.keys = {json.dumps(k, ensure_ascii=False).encode(): k for k in props}  # literal keys of closed objects
+        self.required, self.closed = frozenset(schema.get("required", [])), extra is False
+        self.extra = None if isinstance(extra, bool) else _Node(extra, f"{path}.additionalProperties")  # None: any
+        self.items = _Node(schema["items"], f"{path}.items") if "items" in schema else None  # None: any
+        self.enum = None
+        if "enum" in schema:  # keep the candidates the rest of the schema allows: validate checks both
+            cands = dict.fromkeys(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode()
+                                  for v in schema["enum"])
+            self.enum = tuple(c for c in cands if (r := _run([(END,), (VAL, self)], 0, c, 0)) and _complete(r[0]))
+
+
+def _key(stack: list, name: str) -> bool:
+    """Record a finished key in the object frame on top, with the schema of its value; False for a duplicate."""
+    _, node, _, used, _ = stack[-1]
+    if name in used:
+        return False
+    stack[-1] = (OBJ, node, COLON, used | {name}, node.props.get(name) or node.extra or _ANY)
+    return True
+
+
+def _complete(stack: list) -> bool:
+    top = stack[-1]
+    return top[0] == END or len(stack) == 2 and ((top[0] == NUM and top[2] in _ENDS) or
+                                                 (top[0] == LIT and top[2] in map(len, top[1])))
+
+
+def _run(stack: list, ws: int, data: bytes, max_ws: int) -> tuple[list, int] | None:
+    """(stack, whitespace run) after `data`, or None if `data` leaves the valid prefixes. `stack` is not mutated.
+
+    A number or enum literal inside a container ends at a byte that cannot extend it: its frame is popped and the
+    parent reads that byte again (the `continue`s without `i += 1`)."""
+    stack, i, n = list(stack), 0, len(data)
+    while i < n:
+        b, top = data[i], stack[-1]
+        kind = top[0]
+        if kind == STR:  # (STR, 0 | -1 after '\' | hex digits still due, raw bytes of an object key or None)
+            esc, raw = top[1], top[2]
+            m = _PLAIN.match(data, i) if esc == 0 else None
+            if m:
+                j = m.end()
+            elif esc == 0 and b == 34:  # closing quote
+                stack.pop()
+                i += 1
+                if raw is not None and not _key(stack, json.loads('"' + raw.decode("utf-8", "replace") + '"')):
+                    return None
+                continue
+            elif esc == 0 and b == 92:  # backslash
+                j, esc = i + 1, -1
+            elif esc == -1 and b in _ESCAPES:
+                j, esc = i + 1, 4 if b == 117 else 0
+            elif esc > 0 and b in _HEX:
+                j, esc = i + 1, esc - 1
+            else:
+                return None
+            stack[-1] = (STR, esc, None if raw is None else raw + data[i:j])
+            i = j
+            continue
+        if kind == LIT:  # (LIT, candidates, bytes matched, key names by literal for object keys, else None)
+            cands, pos = top[1], top[2]
+            nxt = tuple(c for c in cands if len(c) > pos and c[pos] == b)
+            if nxt:
+                i += 1
+                if any(len(c) > pos + 1 for c in nxt):
+                    stack[-1] = (LIT, nxt, pos + 1, top[3])
+                else:  # one candidate, matched whole: nothing can extend it
+                    stack.pop()
+                    if top[3] is not None and not _key(stack, top[3][nxt[0]]):
+                        return None
+                continue
+            if pos in map(len, cands):  # a whole candidate (a number, e.g. 1 of [1, 10]) ended before b
+                stack.pop()
+                continue
+            return None
+        if kind == NUM:  # (NUM, DFA table, state)
+            state = top[1][top[2]].get(b)
+            if state is not None:
+                i += 1
+                if top[1][state]:
+                    stack[-1] = (NUM, top[1], state)
+                else:  # an integer "0" or "-0": nothing can follow
+                    stack.pop()
+                continue
+            if top[2] in _ENDS:
+                stack.pop()
+                continue
+            return None
+        if b in _WS:
+            ws += 1
+            if ws > max_ws:
+                return None
+            i += 1
+            continue
+        ws = 0
+        if kind == VAL:  # (VAL, node): a value starts here
+            node = top[1]
+            if node.enum is not None:
+                stack[-1] = (LIT, node.enum, 0, None)
+                continue
+            if _KIND.get(b) not in node.kinds:
+                return None
+            if b == 123:  # {
+                stack[-1] = (OBJ, node, START, frozenset(), None)
+            elif b == 91:  # [
+                stack[-1] = (ARR, node.items or _ANY, START)
+            elif b == 34:  # "
+                stack[-1] = (STR, 0, None)
+            else:
+                stack[-1] = (LIT, (_WORDS[b],), 0, None) if b in _WORDS else (NUM, node.table, 0)
+                continue
+        elif kind == ARR:  # (ARR, schema of the elements, state)
+            state = top[2]
+            if b == 93 and state != COMMA:  # ]
+                stack.pop()
+            elif b == 44 and state == AFTER:  # ,
+                stack[-1] = (ARR, top[1], COMMA)
+            elif state != AFTER:
+                stack[-1] = (ARR, top[1], AFTER)
+                stack.append((VAL, top[1]))
+                continue
+            else:
+                return None
+        elif kind == OBJ:  # (OBJ, node, state, keys used, schema of the value after the colon)
+            _, node, state, used, sub = top
+            if b == 125 and state in (START, AFTER) and node.required <= used:  # }
+                stack.pop()
+            elif b == 34 and state in (START, COMMA):
+                if not node.closed:
+                    stack.append((STR, 0, b""))
+                elif free := tuple(lit for lit, k in node.keys.items() if k not in used):
+                    stack.append((LIT, free, 1, node.keys))
+                else:
+                    return None
+            elif b == 58 and state == COLON:  # :
+                stack[-1] = (OBJ, node, AFTER, used, None)
+                stack.append((VAL, sub))
+            elif b == 44 and state == AFTER and (not node.closed or len(used) < len(node.props)):
+                stack[-1] = (OBJ, node, COMMA, used, None)
+            else:
+                return None
+        else:  # END: only whitespace follows the root value
+            return None
+        i += 1
+    return stack, ws
+
+
+_ANY = _Node({}, "schema")
+
+
+class JsonConstraint:
+    """Incremental recognizer, over UTF-8 bytes, of one JSON value that matches a JSON-schema subset."""
+
+    def __init__(self, schema: dict | None = None, max_ws: int = 16):
+        if not isinstance(max_ws, int) or max_ws < 0:
+            raise ValueError(f"max_ws={max_ws!r} must be an int >= 0")
+        self.max_ws = max_ws
+        self._stack, self._ws = [(END,), (VAL, _Node(schema or {}, "schema"))], 0
+
+    def accepts(self, data: bytes) -> bool:
+        """Would feed(data) succeed? The state is unchanged."""
+        return _run(self._stack, self._ws, data, self.max_ws) is not None
+
+    def feed(self, data: bytes) -> bool:
+        """Advance over `data` if the text stays a valid prefix; else return False and change nothing."""
+        state = _run(self._stack, self._ws, data, self.max_ws)
+        if state is None:
+            return False
+        self._stack, self._ws = state  # a new list: stacks are replaced, never mutated, so copies may share them
+        return True
+
+    @property
+    def complete(self) -> bool:
+        """The bytes so far form a whole valid value (plus whitespace): end-of-sequence is allowed."""
+        return _complete(self._stack)
+
+    @property
+    def closed(self) -> bool:
+        """Complete, and no non-whitespace byte can follow (e.g. the root's closing brace was read): stop now."""
+        return self._stack[-1][0] == END
+
+    def copy(self) -> JsonConstraint:
+        """An independent copy, in O(1): the stack is shared until one of them feeds."""
+        new = object.__new__(JsonConstraint)
+        new.__dict__.update(self.__dict__)
+        return new
