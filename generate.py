@@ -1,9 +1,11 @@
 """Batched text generation with a static KV cache: greedy, temperature, top-k and top-p sampling; repetition, presence
-and frequency penalties; stop strings and stop tokens; streaming; and ranking fixed answers by log-likelihood.
+and frequency penalties; stop strings and stop tokens; output constrained to JSON matching a schema; streaming; and
+ranking fixed answers by log-likelihood.
 
     python generate.py --prompt "Bitcoin is"                                   # the embedded SmolLM2, greedy
     python generate.py --prompt "What moved ETH today?" --chat --temperature 0.7 --top-p 0.9
     python generate.py --prompt "..." --checkpoint out/merged --adapter out/adapter --max-new-tokens 64
+    python generate.py --prompt "Coins in: ETH fell 3%. As JSON." --chat --json-schema '{"type": "object"}'
 
     from generate import Generator, GenerateArgs
     gen = Generator.from_checkpoint()                                          # or Generator(model, tokenizer)
@@ -21,6 +23,7 @@ row), so rows can also join a batch that is already decoding (continuous batchin
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cli import parse_args
+from constrain import JsonConstraint
 
 # on_text(row, new_text, result): result is None until the row's last call, which passes its Result
 OnText = Callable[[int, str, "Result | None"], None]
@@ -48,6 +52,9 @@ class GenerateArgs:
         "help": "subtract this times the count of each generated token (OpenAI), in [-2, 2]"})
     stop: tuple[str, ...] = field(default=(), metadata={"help": "comma-separated strings that end the text"})
     seed: int = field(default=0, metadata={"help": "random seed for sampling (row i of a batch uses seed + i)"})
+    json_schema: str = field(default="", metadata={
+        "help": "constrain the output to one JSON value matching this JSON schema, given as JSON text ('{}': any "
+                "JSON value); generation ends when the value does"})
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -66,13 +73,27 @@ class GenerateArgs:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not s for s in self.stop):
             raise ValueError(f"stop={self.stop!r} contains an empty string")
+        if self.json_schema:
+            self.constraint()  # a schema that is not JSON, or that the constraint cannot follow, fails here
+
+    def constraint(self) -> JsonConstraint | None:
+        """A fresh JsonConstraint for one row, or None without json_schema."""
+        if not self.json_schema:
+            return None
+        try:
+            schema = json.loads(self.json_schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"json_schema is not JSON ({e}): {self.json_schema[:80]!r}") from None
+        if not isinstance(schema, dict):
+            raise ValueError(f"json_schema must be a JSON object (a schema), got {self.json_schema[:80]!r}")
+        return JsonConstraint(schema)
 
 
 @dataclass
 class Result:
     text: str  # the completion, without the stop token or stop string
     token_ids: list[int]  # every sampled token, including the one that ended the row
-    finish_reason: str  # "stop" (stop token or stop string) or "length"
+    finish_reason: str  # "stop" (stop token, stop string or the end of the constrained JSON) or "length"
     prompt_tokens: int
     completion_tokens: int
 
@@ -131,6 +152,15 @@ class _Row:
         self.sent = 0  # characters of text already streamed
         self._start = self._done = 0  # ids[_start:_done] were decoded last time: context for the next decode
         self.finish_reason: str | None = None
+        self.constraint = args.constraint()  # the JSON the output must follow, or None
+
+    def allows(self, token: int) -> bool:
+        """Whether the row's JSON constraint lets `token` come next: a stop token once the value is complete, else a
+        token whose bytes keep the output a prefix of a matching value."""
+        if token in self.tok.stop_ids:
+            return self.constraint.complete
+        data = self.tok.token_bytes()[token]
+        return bool(data) and self.constraint.accepts(data)
 
     def push(self, token: int) -> str:
         """Add a sampled token; return the text that is now safe to stream (finish_reason is set on the last one)."""
@@ -138,6 +168,10 @@ class _Row:
         if token in self.tok.stop_ids:
             self.finish_reason = "stop"
         else:
+            if self.constraint is not None:
+                self.constraint.feed(self.tok.token_bytes()[token])  # sampling only picks tokens it allows
+                if self.constraint.closed:  # nothing but whitespace could follow: the JSON is the whole answer
+                    self.finish_reason = "stop"
             # decode with a little context so SentencePiece spaces and multi-byte characters come out right; an
             # incomplete UTF-8 sequence decodes to U+FFFD, so wait for the token that completes it
             new = self.tok.decode(self.ids[self._start:])
@@ -148,10 +182,10 @@ class _Row:
                 self.text += new[len(old):]
                 if self._find_stop(before):
                     return self._flush()
-            if len(self.ids) >= self.budget:
+            if len(self.ids) >= self.budget and not self.finish_reason:
                 self.finish_reason = "length"
         if self.finish_reason:
-            ended_by_token = self.finish_reason == "stop"
+            ended_by_token = token in self.tok.stop_ids
             self.text = self.tok.decode(self.ids[:-1] if ended_by_token else self.ids)  # pending bytes included
             self._find_stop(self.sent)
             return self._flush()
@@ -318,9 +352,14 @@ class Generator:
         return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos and not chat)
 
     def chat(self, conversations: list[list[dict]], args: GenerateArgs | list[GenerateArgs],
-             on_text: OnText | None = None) -> list[Result]:
-        """Replies to conversations ([{"role": ..., "content": ...}]) in the tokenizer's chat template."""
+             on_text: OnText | None = None, prefixes: list[str] | None = None) -> list[Result]:
+        """Replies to conversations ([{"role": ..., "content": ...}]) in the tokenizer's chat template. A reply can
+        be made to start with a given text (prefixes[i]): generation continues it, and the result leaves it out."""
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        if prefixes is not None:
+            if len(prefixes) != len(prompts):
+                raise ValueError(f"got {len(prefixes)} prefixes for {len(prompts)} conversations")
+            prompts = [p + x for p, x in zip(prompts, prefixes)]
         return self.generate_ids([self.encode(p, chat=True) for p in prompts], args, on_text)
 
     def generate(self, prompts: list[str], args: GenerateArgs | list[GenerateArgs],
@@ -477,17 +516,48 @@ class _SamplingState:
         if self.seen is not None or self.counts is not None:
             logits = penalize(logits, self.seen, self.counts, self.repetition, self.presence, self.frequency)
         nxt = logits.max(-1).indices  # the first maximum, as argmax, but ~3x faster on the CPU
-        hot = self.hot
+        hot, probs = self.hot, {}
         if len(hot):
             warped = top_k_top_p(logits[hot] / self.temperature[hot, None], self.top_k[hot], self.top_p[hot])
-            probs = warped.softmax(-1)
-            for j, b in enumerate(hot.tolist()):
-                nxt[b] = torch.multinomial(probs[j], 1, generator=self.rows[b].gen)[0]
+            for j, (b, p) in enumerate(zip(hot.tolist(), warped.softmax(-1))):
+                probs[b] = p
+                nxt[b] = torch.multinomial(p, 1, generator=self.rows[b].gen)[0]
+        for b, row in enumerate(self.rows):
+            if row.constraint is not None:
+                nxt[b] = _constrained(row, int(nxt[b]), logits[b], probs.get(b))
         if self.seen is not None:
             self.seen[torch.arange(len(nxt)), nxt] = True
         if self.counts is not None:
             self.counts[torch.arange(len(nxt)), nxt] += 1
         return nxt
+
+
+def _constrained(row: _Row, choice: int, logits: torch.Tensor, probs: torch.Tensor | None) -> int:
+    """The next token of a row under its JSON constraint: the unconstrained choice when allowed. Otherwise a greedy
+    row takes the most likely allowed token; a sampling row draws again without the rejected tokens, which samples
+    from its distribution restricted to the allowed ones (and falls back to the most likely allowed token when its
+    top-k / top-p support holds none). Most steps check one token, not the vocabulary."""
+    if row.allows(choice):
+        return choice
+    if probs is not None:
+        probs = probs.clone()
+        for _ in range(32):
+            probs[choice] = 0.0
+            if not probs.any():
+                break
+            choice = int(torch.multinomial(probs, 1, generator=row.gen)[0])
+            if row.allows(choice):
+                return choice
+        allowed = [t for t in probs.nonzero()[:, 0].tolist() if row.allows(t)]
+        if allowed:
+            keep = torch.zeros_like(probs)
+            keep[allowed] = probs[allowed]
+            return int(torch.multinomial(keep, 1, generator=row.gen)[0])
+    top = logits.topk(min(64, len(logits))).indices.tolist()
+    for t in top + logits.argsort(descending=True).tolist()[len(top):]:
+        if row.allows(t):
+            return t
+    raise RuntimeError(f"no token can continue the constrained JSON {row.text[-80:]!r}")
 
 
 def _check_prompts(prompts: list[list[int]], max_len: int) -> None:

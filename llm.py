@@ -15,7 +15,9 @@ Every answer is cached in SQLite under a hash of backend + model + prompt/messag
 rerun of a stage sends no request and costs nothing. Pass `seed=` to get distinct cached samples of one prompt.
 Transient failures (429, 408/409, 5xx, timeouts, connection errors) are retried with exponential backoff and
 full jitter, or after the server's Retry-After. The API key is read from the environment and never logged or cached.
-With --backend local, requests that wait for the model while it is busy are generated together as one batch.
+With --backend local, requests that wait for the model while it is busy are generated together as one batch, and
+chat_json answers are constrained: the model reasons freely up to its ```json fence, then writes the JSON token by
+token under the schema (generate.py's json_schema), so even a small local model answers with parseable JSON.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ RETRY_STATUSES = {408, 409, 429}
 SCHEMA_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 SCHEMA_KEYWORDS = {"type", "properties", "required", "enum", "items", "minimum", "maximum", "additionalProperties"}
 SCHEMA_ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "$schema"}
+JSON_FENCE = "```json"  # a chain-of-thought answer ends with its JSON object after this fence
 
 
 @dataclass
@@ -351,6 +354,8 @@ class LLM:
     def chat_json_answer(self, messages: list[dict], schema: dict, *, check=None, **params) -> JSONAnswer:
         """Like chat_json, also returning the reasoning before the JSON; one repair retry, then LLMOutputError."""
         check_schema(schema)
+        if self.args.backend == "local":  # reasoning, then JSON decoded under the schema (see _local)
+            params = {**params, "json_schema": schema}
         raw = self.chat(messages, **params).text
         try:
             return JSONAnswer(*parse_json_answer(raw, schema, check), raw=raw, repaired=False)
@@ -439,6 +444,8 @@ class LLM:
 
     def _generate(self, kind: str, payload, params: dict) -> Completion:
         params = _sampling_params(**params)
+        if "json_schema" in params and self.args.backend != "local":
+            raise ValueError("json_schema constrains the local model only; chat_json adds it when the backend is local")
         if self.args.max_tokens_cap:  # before the cache key, so capped answers are cached as what they are
             params["max_tokens"] = min(params["max_tokens"], self.args.max_tokens_cap)
         key = self._key(kind, self.model_id, payload, params)
@@ -510,6 +517,9 @@ class LLM:
                 time.sleep(delay)
 
     def _local(self, kind: str, payload, params: dict) -> Completion:
+        """Generate with the local model. A chat with a json_schema runs twice: the reply up to its ```json fence
+        (the chain of thought), then, continuing that reply after the fence, the JSON under the schema (with its own
+        max_tokens budget); the text is both, closed by a fence, as an API model would write it."""
         from generate import GenerateArgs, Generator  # imported here so the API backend needs no torch
         with self._backend_lock:
             if self._backend is None:
@@ -518,6 +528,21 @@ class LLM:
                              top_p=params["top_p"], presence_penalty=params["presence_penalty"],
                              frequency_penalty=params["frequency_penalty"], stop=tuple(params["stop"] or ()),
                              seed=params["seed"] or 0)
+        schema = params.get("json_schema")
+        if schema is None or kind != "chat":
+            r = self._submit(kind, payload, gargs)
+            return Completion(text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
+                              completion_tokens=r.completion_tokens)
+        think = self._submit("chat", payload, dataclasses.replace(gargs, stop=gargs.stop + (JSON_FENCE,)))
+        prefix = f"{think.text.rstrip()}\n{JSON_FENCE}\n"
+        answer = self._submit("chat_prefix", (payload, prefix),
+                              dataclasses.replace(gargs, stop=(), json_schema=json.dumps(schema)))
+        return Completion(text=f"{prefix}{answer.text}\n```", finish_reason=answer.finish_reason,
+                          prompt_tokens=think.prompt_tokens + answer.prompt_tokens,
+                          completion_tokens=think.completion_tokens + answer.completion_tokens)
+
+    def _submit(self, kind: str, payload, gargs):
+        """One generation on the local model, batched with the requests of other threads waiting for it."""
         future = Future()
         with self._pending_lock:
             self._pending.append((kind, payload, gargs, future))
@@ -528,12 +553,14 @@ class LLM:
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
                 self._run_batch(batch)
-        r = future.result()
-        return Completion(text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
-                          completion_tokens=r.completion_tokens)
+        return future.result()
 
     def _run_batch(self, batch: list[tuple]) -> None:
-        for kind, run in (("chat", self._backend.chat), ("completion", self._backend.generate)):
+        def chat_prefix(payloads, args):
+            return self._backend.chat([p[0] for p in payloads], args, prefixes=[p[1] for p in payloads])
+
+        for kind, run in (("chat", self._backend.chat), ("chat_prefix", chat_prefix),
+                          ("completion", self._backend.generate)):
             jobs = [job for job in batch if job[0] == kind]
             if not jobs:
                 continue
@@ -549,8 +576,9 @@ class LLM:
 
 def _sampling_params(max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                      stop: str | list[str] | None = None, presence_penalty: float = 0.0,
-                     frequency_penalty: float = 0.0, seed: int | None = None) -> dict:
-    """The sampling parameters, validated and normalised (they are part of the cache key)."""
+                     frequency_penalty: float = 0.0, seed: int | None = None, json_schema: dict | None = None) -> dict:
+    """The sampling parameters, validated and normalised (they are part of the cache key). json_schema (the local
+    backend's constrained JSON) is only present when given, so the keys of other requests stay what they were."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens} must be >= 1")
     if not 0.0 <= temperature <= 2.0:
@@ -561,8 +589,11 @@ def _sampling_params(max_tokens: int = 256, temperature: float = 0.0, top_p: flo
         if not -2.0 <= v <= 2.0:
             raise ValueError(f"{name}={v} must be in [-2, 2]")
     stop = [stop] if isinstance(stop, str) else (list(stop) if stop else None)
-    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed)
+    params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed)
+    if json_schema is not None:
+        params["json_schema"] = json_schema
+    return params
 
 
 @dataclass

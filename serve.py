@@ -16,7 +16,9 @@ continuous: between two decode steps, requests that arrived join the running bat
 at once; a request that does not fit waits, in order, for rows to finish), and finished rows leave it, so a request
 never waits for a whole batch to end. When the server is idle, it waits --batch-wait-ms after a request for others
 to start with it, sharing one prefill. Every row gets the tokens it would get alone. Sampling follows OpenAI
-(temperature 1 by default); `top_k` and `repetition_penalty` are accepted as extensions.
+(temperature 1 by default); `top_k` and `repetition_penalty` are accepted as extensions. `response_format`
+{"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}} constrains the reply to JSON
+(matching the schema) token by token, as generate.py's --json-schema does.
 """
 from __future__ import annotations
 
@@ -45,11 +47,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from cli import parse_args
+from constrain import JsonConstraint
 from generate import GenerateArgs, Generator, Result, RunningBatch
 
 log = logging.getLogger("serve")
 # OpenAI parameters this server does not implement: asking for them is an error rather than silently ignored
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions", "response_format")
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions")
 
 
 @dataclass
@@ -290,6 +293,27 @@ def _error(status: int, message: str, param=None, code=None) -> JSONResponse:
 
 
 # ------------------------------------------------------------------------------------------------- the app
+def _response_schema(fmt) -> str:
+    """OpenAI's response_format as GenerateArgs.json_schema: "" for text, any JSON object for json_object, the given
+    schema for json_schema (the subset constrain.py follows; other keywords are a 400 naming them)."""
+    if not fmt:
+        return ""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise APIError(400, "response_format.type must be 'text', 'json_object' or 'json_schema'",
+                       param="response_format")
+    if kind == "text":
+        return ""
+    schema = {"type": "object"} if kind == "json_object" else (fmt.get("json_schema") or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format.json_schema.schema must be a JSON schema object", param="response_format")
+    try:
+        JsonConstraint(schema)
+    except ValueError as e:
+        raise APIError(400, f"response_format: {e}", param="response_format") from None
+    return json.dumps(schema)
+
+
 def create_app(generators: dict[str, Generator], sargs: ServeArgs) -> FastAPI:
     """The FastAPI app serving `generators` by model name; its batching thread runs while the app is up."""
     for name, gen in generators.items():
@@ -356,11 +380,12 @@ def create_app(generators: dict[str, Generator], sargs: ServeArgs) -> FastAPI:
                                 "rows per request", param="n")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         seed = req.seed if req.seed is not None else uuid.uuid4().int % 2**31  # OpenAI samples afresh each time
+        schema = _response_schema((req.model_extra or {}).get("response_format"))
         try:
             args = [GenerateArgs(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
                                  top_p=req.top_p, repetition_penalty=req.repetition_penalty,
                                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                 stop=stop, seed=seed + k) for k in range(req.n)]
+                                 stop=stop, seed=seed + k, json_schema=schema) for k in range(req.n)]
         except ValueError as e:
             raise APIError(400, str(e)) from e
         return [p for p in prompts for _ in range(req.n)], args * len(prompts)

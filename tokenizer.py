@@ -189,6 +189,34 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         return self.backend.decode(ids) if self._sp else self.backend.decode(ids, skip_special_tokens=False)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """The UTF-8 bytes each id stands for (None for special tokens), so a constrained decoder can check a
+        candidate token before it is decoded: byte-level BPE spells bytes in GPT-2's alphabet, SentencePiece and
+        LLaMA-2's tokenizer.json write a space as U+2581 and a fallback byte as <0xNN>. Built once, then cached."""
+        if getattr(self, "_token_bytes", None) is None:
+            if self._sp:
+                sp = self.backend
+                pieces = [None if sp.is_control(i) or sp.is_unknown(i) else sp.id_to_piece(i)
+                          for i in range(self.vocab_size)]
+                byte_level = False
+            else:
+                special = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+                pieces = [None if i in special else self.backend.id_to_token(i) for i in range(self.vocab_size)]
+                byte_level = "ByteLevel" in json.dumps(json.loads(self.backend.to_str()).get("decoder"))
+            unspell = {c: b for b, c in enumerate(_bytes_to_unicode())}
+            fallback = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+            def to_bytes(piece: str | None) -> bytes | None:
+                if piece is None:
+                    return None
+                if byte_level:
+                    return bytes(unspell[c] for c in piece) if all(c in unspell for c in piece) else piece.encode()
+                m = fallback.fullmatch(piece)
+                return bytes([int(m[1], 16)]) if m else piece.replace("\u2581", " ").encode()
+
+            self._token_bytes = [to_bytes(p) for p in pieces]
+        return self._token_bytes
+
     def _require(self, i: int | None, what: str) -> int:
         if i is None:
             raise ValueError(f"this tokenizer has no {what} token; call encode with {what}=False")

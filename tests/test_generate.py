@@ -1,9 +1,14 @@
 """generate.py: batched decoding equals rows alone and full forwards, sampling filters and penalties against
 transformers' logits processors, stops, streaming of multi-byte text, seeds, option scoring, and the CLI."""
+import json
+from collections import Counter
+
 import pytest
 import torch
 
-from generate import GenerateArgs, Generator, RunningBatch, _Row, main, penalize, top_k_top_p
+from constrain import JsonConstraint
+from generate import GenerateArgs, Generator, RunningBatch, _constrained, _Row, main, penalize, top_k_top_p
+from llm import validate
 from model import ModelArgs, Transformer
 
 
@@ -19,6 +24,9 @@ class ByteTokenizer:
 
     def decode(self, ids):
         return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+    def token_bytes(self):
+        return [None] * 3 + [bytes([b]) for b in range(256)]
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>" * add_generation_prompt
@@ -352,3 +360,92 @@ def test_cli_bad_flags_exit_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- JSON constraint
+CHOICE = {"type": "object", "required": ["coin", "up"], "additionalProperties": False,
+          "properties": {"coin": {"enum": ["BTC", "ETH", "SOL"]}, "up": {"type": "boolean"}, "note": {"type": "null"}}}
+
+
+def allowed_by_brute_force(tok, c: JsonConstraint) -> list[int]:
+    """Every token a constraint allows next, checked over the whole vocabulary (the reference for sampling)."""
+    tb = tok.token_bytes()
+    return [t for t in range(tok.vocab_size)
+            if (c.complete if t in tok.stop_ids else bool(tb[t]) and c.accepts(tb[t]))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_json_greedy_takes_the_most_likely_allowed_token_of_a_full_forward(seed):
+    gen = tiny_generator(seed=seed)
+    prompt = ids_of("Answer in JSON:")
+    [res] = gen.generate_ids([prompt], GenerateArgs(max_new_tokens=230, json_schema=json.dumps(CHOICE)))
+    c, seq = JsonConstraint(CHOICE), list(prompt)
+    with torch.no_grad():
+        for tok in res.token_ids:
+            logits = gen.model(torch.tensor([seq]))[0, -1]
+            allowed = allowed_by_brute_force(gen.tokenizer, c)
+            assert tok == max(allowed, key=lambda t: logits[t])
+            c.feed(bytes([tok - 3]))
+            seq.append(tok)
+    # the enum and boolean values close the object within the whitespace limits: the text is the whole JSON
+    assert res.finish_reason == "stop" and c.closed
+    assert validate(json.loads(res.text), CHOICE) == []
+
+
+def test_json_rows_sample_within_the_schema_beside_free_rows():
+    gen = tiny_generator(seed=4)
+    constrained = GenerateArgs(max_new_tokens=230, temperature=1.0, json_schema=json.dumps(CHOICE), seed=7)
+    free = GenerateArgs(max_new_tokens=12, temperature=1.0, seed=7)
+    prompts = [ids_of("JSON please"), ids_of("Anything"), ids_of("More JSON")]
+    results = gen.generate_ids(prompts, [constrained, free, constrained])
+    for r in results[::2]:
+        assert r.finish_reason == "stop" and validate(json.loads(r.text), CHOICE) == []
+    assert results[1].token_ids == gen.generate_ids([prompts[1]], free)[0].token_ids  # the free row is untouched
+
+
+class _FakeRow:
+    def __init__(self, allowed, seed=0):
+        self.allowed, self.gen, self.text = set(allowed), torch.Generator().manual_seed(seed), ""
+
+    def allows(self, token):
+        return token in self.allowed
+
+
+def test_constrained_sampling_is_the_distribution_restricted_to_allowed_tokens():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
+    row, draws = _FakeRow({1, 3, 4}), torch.Generator().manual_seed(1)
+    n = 4000
+    counts = Counter(_constrained(row, int(torch.multinomial(probs, 1, generator=draws)), probs.log(), probs)
+                     for _ in range(n))
+    assert set(counts) == {1, 3}  # a zero-probability token is never drawn, even if allowed
+    assert abs(counts[1] / n - 0.75) < 0.03 and abs(counts[3] / n - 0.25) < 0.03
+    logits = torch.tensor([3.0, 1.0, 2.0, 0.5, 2.5])
+    assert _constrained(_FakeRow({1, 3, 4}), 0, logits, None) == 4  # greedy: the most likely allowed token
+    # no allowed token inside the top-k / top-p support: the most likely allowed one outside it
+    assert _constrained(_FakeRow({3}), 0, logits, torch.tensor([0.6, 0.4, 0.0, 0.0, 0.0])) == 3
+
+
+def test_json_schema_argument_errors():
+    with pytest.raises(ValueError, match="json_schema is not JSON"):
+        GenerateArgs(json_schema="{type: object}")
+    with pytest.raises(ValueError, match="anyOf"):
+        GenerateArgs(json_schema='{"anyOf": [{"type": "string"}]}')
+
+
+@pytest.mark.slow
+def test_json_schema_on_the_embedded_model_gives_valid_answers(smollm2_gguf):
+    gen = Generator.from_checkpoint()
+    schema = {"type": "object", "required": ["coin", "sentiment"], "additionalProperties": False,
+              "properties": {"coin": {"type": "string"}, "sentiment": {"enum": ["positive", "negative", "neutral"]}}}
+    chats = [[{"role": "user", "content": f"Which coin does this headline name first, and is it good news? {h} "
+                                          "Answer with a JSON object."}]
+             for h in ("Ether falls 8% after the Harbor exchange hack.", "Solana and Bitcoin rally on ETF hopes.")]
+    free = gen.chat(chats, GenerateArgs(max_new_tokens=64))
+    assert not any(text.lstrip().startswith("{") for text in (r.text for r in free))  # unconstrained: prose
+    greedy = GenerateArgs(max_new_tokens=64, json_schema=json.dumps(schema))
+    sampled = GenerateArgs(max_new_tokens=64, temperature=0.8, seed=3, json_schema=json.dumps(schema))
+    results = gen.chat(chats * 2, [greedy, greedy, sampled, sampled])
+    for r in results:
+        assert r.finish_reason == "stop", r.text
+        assert validate(json.loads(r.text), schema) == []
+    assert [json.loads(r.text)["coin"] for r in results[:2]] == ["Ether", "Solana"]

@@ -470,6 +470,37 @@ def test_local_backend_embedded_model(tmp_path, smollm2_gguf):
         assert b.cached and b.text == a.text and llm.usage["requests"] == 1
 
 
+@needs_generate
+def test_local_chat_json_reasons_then_decodes_the_json_under_the_schema(tmp_path, smollm2_gguf, monkeypatch):
+    """With the local backend, chat_json runs the reply up to its ```json fence, then continues that reply with the
+    JSON decoded under the schema: the same texts as the two Generator calls, and a valid object even from a
+    random model (an enum-only schema, so it must end)."""
+    import torch
+
+    import generate
+    from checkpoint import load_tokenizer
+    from model import ModelArgs, Transformer
+    tok = load_tokenizer(None)
+    torch.manual_seed(0)
+    tiny = generate.Generator(Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size)), tok)
+    monkeypatch.setattr(generate.Generator, "from_checkpoint", classmethod(lambda cls, *a, **k: tiny))
+    schema = {"type": "object", "required": ["move"], "additionalProperties": False,
+              "properties": {"move": {"enum": ["up", "down"]}}}
+    messages = user("Will BTC go up? Think, then answer in a ```json block.")
+    [think] = tiny.chat([messages], generate.GenerateArgs(max_new_tokens=96, stop=("```json",)))
+    prefix = think.text.rstrip() + "\n```json\n"
+    [answer] = tiny.chat([messages], generate.GenerateArgs(max_new_tokens=96, json_schema=json.dumps(schema)),
+                         prefixes=[prefix])
+    with LLM(LLMArgs(backend="local", cache=str(tmp_path / "llm.sqlite"))) as llm:
+        got = llm.chat_json_answer(messages, schema, max_tokens=96)
+        assert got.raw == prefix + answer.text + "\n```" and not got.repaired
+        assert got.data == json.loads(answer.text) and got.data["move"] in ("up", "down")
+        assert got.reasoning == think.text.strip()
+        assert llm.chat_json(messages, schema, max_tokens=96) == got.data and llm.usage["cached"] == 1
+        with pytest.raises(ValueError, match="local model only"):
+            LLM(LLMArgs(backend="openai", cache=None)).chat(messages, json_schema=schema)
+
+
 def test_max_tokens_cap_bounds_every_request(tmp_path):
     with FakeOpenAI(echo) as server, make(server, tmp_path, max_tokens_cap=16) as llm:
         llm.chat(user("long answer please"), max_tokens=1024)

@@ -1,6 +1,7 @@
 """serve.py on 127.0.0.1 with a tiny model: the official `openai` client, plain and streaming, adapters by model name,
 OpenAI-shaped 4xx errors, the bearer key, concurrent clients batched into one generation, and continuous batching:
 requests joining a running batch between decode steps, each answered as alone, and a failing job failing alone."""
+import json
 import socket
 import threading
 import time
@@ -10,6 +11,7 @@ import httpx
 import pytest
 import torch
 
+from constrain import JsonConstraint
 from generate import GenerateArgs
 from serve import Batcher, Job, ServeArgs, create_app, with_adapter
 from tests.test_generate import ids_of, tiny_generator
@@ -111,6 +113,23 @@ def test_chat_plain_and_streaming_equal_generate(client, served):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+PICK = {"enum": ["bag", "cab"]}
+
+
+@pytest.mark.parametrize("fmt, schema", [({"type": "json_object"}, {"type": "object"}),
+                                         ({"type": "json_schema", "json_schema": {"name": "pick", "schema": PICK}},
+                                          PICK)])
+def test_response_format_decodes_json_as_generate_does(client, served, fmt, schema):
+    messages = [{"role": "user", "content": "bag or cab?"}]
+    [ref] = served[1]["tiny"].chat([messages], GenerateArgs(max_new_tokens=40, json_schema=json.dumps(schema)))
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0,
+                                         response_format=fmt)
+    text = out.choices[0].message.content
+    assert text == ref.text and JsonConstraint(schema).feed(text.encode())  # a prefix of a matching value
+    if out.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict) if schema == {"type": "object"} else json.loads(text) in PICK["enum"]
+
+
 def test_adapter_is_chosen_by_model_name_and_shares_base_weights(client, served):
     gens = served[1]
     base_w = gens["tiny"].model.layers[0].attention.wq.weight
@@ -143,6 +162,9 @@ def test_seeded_sampling_repeats_and_n_gives_several_choices(client):
     ("/completions", {"model": "tiny", "prompt": []}, 400, "empty"),
     ("/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
     ("/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ("/completions", {"model": "tiny", "prompt": "abc", "response_format": {"type": "yaml"}}, 400, "json_object"),
+    ("/completions", {"model": "tiny", "prompt": "abc", "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"anyOf": [{"type": "string"}]}}}}, 400, "anyOf"),
 ])
 def test_bad_requests_get_4xx_in_openai_error_shape(served, path, body, status, words):
     r = httpx.post(served[0] + path, json=body, timeout=30)

@@ -52,6 +52,13 @@ def test_bpe_encodes_real_text_like_transformers(ours, hf_tok, shared_data):
     assert all(ours.decode(ids := ours.encode(t)) == hf_tok.decode(ids) for t in texts[::10])
 
 
+def test_token_bytes_spell_the_encoded_text(ours, shared_data):
+    tb = ours.token_bytes()
+    assert len(tb) == ours.vocab_size and tb[ours.token_to_id("<|im_end|>")] is None and tb[ours.eos_id] is None
+    for text in real_texts(shared_data) + [t for t in EDGE_CASES if "<|" not in t]:
+        assert b"".join(tb[i] for i in ours.encode(text)) == text.encode()
+
+
 def test_special_tokens(ours, hf_tok):
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id)
     assert ours.vocab_size == len(hf_tok) == 49152
@@ -136,6 +143,16 @@ def test_sentencepiece_matches_sentencepiece(sp_path, shared_data):
     for text in real_texts(shared_data)[::3] + EDGE_CASES[2:5]:
         assert tok.encode(text) == ref.encode(text)
         assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
+
+
+def test_sentencepiece_token_bytes_spell_the_encoded_text(sp_path, shared_data):
+    tok = load_tokenizer(sp_path)
+    tb = tok.token_bytes()
+    assert tb[tok.bos_id] is None and tb[tok.eos_id] is None
+    assert {tb[tok.token_to_id(f"<0x{b:02X}>")] for b in (10, 195, 255)} == {b"\n", b"\xc3", b"\xff"}
+    for text in real_texts(shared_data)[::3] + EDGE_CASES[2:5]:
+        # SentencePiece marks the start of the text as a word start (U+2581): one space more than the text
+        assert b"".join(tb[i] for i in tok.encode(text)) == b" " + text.encode()
 
 
 def test_not_a_sentencepiece_model(tmp_path):
