@@ -16,7 +16,8 @@ costs O(len(data)), and a copy shares the stack. What is accepted:
 - Keywords are those of llm.check_schema. `type` (absent: any) is checked on the first byte of a value.
   `enum`: the value is one of the candidates exactly as json.dumps(v, ensure_ascii=False, separators=(",", ":"))
   writes them (so "\u00e9" does not match "é", nor a spaced object); candidates the rest of the schema rejects
-  are dropped. minimum/maximum are NOT enforced while decoding: llm.validate checks them afterwards.
+  are dropped. minimum/maximum are enforced only for an integer with both bounds at most 1024 apart (as the enum
+  of its values); otherwise llm.validate checks them afterwards.
 - Objects: `properties` keys take their schema, other keys take additionalProperties (False: rejected; a dict: that
   schema; else any value). With additionalProperties False a key is an unused property name exactly as
   json.dumps(k, ensure_ascii=False) writes it; otherwise any string, decoded (escapes included) to pick its schema,
@@ -29,6 +30,7 @@ costs O(len(data)), and a copy shares the stack. What is accepted:
 from __future__ import annotations
 
 import json
+import math
 import re
 
 # The subset llm.check_schema accepts, copied: this module is standard-library only (llm needs numpy).
@@ -97,6 +99,10 @@ class _Node:
             cands = dict.fromkeys(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode()
                                   for v in schema["enum"])
             self.enum = tuple(c for c in cands if (r := _run([(END,), (VAL, self)], 0, c, 0)) and _complete(r[0]))
+        lo, hi = schema.get("minimum"), schema.get("maximum")
+        if self.enum is None and types == ["integer"] and lo is not None and hi is not None and hi - lo <= 1024:
+            # a small integer range is enforced as the enum of its values (1 to the number of paragraphs, say)
+            self.enum = tuple(str(i).encode() for i in range(math.ceil(lo), math.floor(hi) + 1))
 
 
 def _key(stack: list, name: str) -> bool:

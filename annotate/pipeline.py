@@ -72,6 +72,15 @@ def _coin_key(coin: dict) -> str:
     return coin.get("ticker") or coin["name"].strip().lower()
 
 
+def _clean_schema(llm: LLM, n: int) -> dict:
+    """CLEAN_SCHEMA; for a local model, with the article's paragraph count as the maximum, so its constrained decoding
+    cannot name a paragraph that does not exist (API answers keep the schema, and so their cache keys and repairs)."""
+    if llm.args.backend != "local":
+        return CLEAN_SCHEMA
+    drop = CLEAN_SCHEMA["properties"]["drop"]
+    return {**CLEAN_SCHEMA, "properties": {"drop": {**drop, "items": {**drop["items"], "maximum": n}}}}
+
+
 def _check_clean(n: int):
     def check(obj: dict) -> list[str]:
         errors = [f"$.drop: paragraph {i} does not exist (there are {n})" for i in obj["drop"] if i > n]
@@ -117,8 +126,9 @@ def annotate_article(llm: LLM, article: dict, args: AnnotateArgs) -> dict:
     reasoning, drop, step = {}, [], "clean"
     try:
         if args.clean and len(paragraphs) > 1:
-            answer = llm.chat_json_answer(prompts.clean_messages(article, paragraphs), CLEAN_SCHEMA,
-                                          check=_check_clean(len(paragraphs)), **params)
+            answer = llm.chat_json_answer(prompts.clean_messages(article, paragraphs),
+                                          _clean_schema(llm, len(paragraphs)), check=_check_clean(len(paragraphs)),
+                                          **params)
             drop, reasoning["clean"] = sorted(set(answer.data["drop"])), answer.reasoning
         text = "\n\n".join(p for i, p in enumerate(paragraphs, 1) if i not in drop)
 

@@ -264,3 +264,14 @@ def test_unsupported_schemas_are_refused_with_their_path():
         JsonConstraint({}, max_ws=-1)
     JsonConstraint({"title": "t", "$schema": "x", "description": "d", "default": 1, "examples": [], "$comment": "c",
                     "minimum": 0, "maximum": 1})
+
+
+def test_a_small_integer_range_is_enforced():
+    c = JsonConstraint({"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 12}})
+    assert c.feed(b"[1") and c.accepts(b"2,") and c.accepts(b",") and not c.accepts(b"3")  # 1, 12 ok; 13 not
+    assert not c.accepts(b",0") and not c.accepts(b",-1") and c.accepts(b",9]")
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 12}}
+    for v in (0, 13, 5.5):  # what validate rejects, the constraint rejects while decoding
+        assert validate([v], schema) and not JsonConstraint(schema).feed(json.dumps([v]).encode())
+    wide = JsonConstraint({"type": "integer", "minimum": 0, "maximum": 10**6})  # a wide range is left to validate
+    assert wide.feed(b"2000000") and wide.complete

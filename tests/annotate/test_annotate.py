@@ -204,6 +204,18 @@ def test_extract_check_wants_iso_dates():
     assert pipeline._check_extract(facts) == ["$.events[2].date: '13 March' is not YYYY-MM-DD (or null)"]
 
 
+def test_a_local_model_is_held_to_existing_paragraphs():
+    from constrain import JsonConstraint
+    from llm import LLM
+
+    local, api = LLM(LLMArgs(backend="local", cache=None)), LLM(LLMArgs(backend="openai", cache=None))
+    assert pipeline._clean_schema(api, 5) is pipeline.CLEAN_SCHEMA  # API requests (and their cache keys) unchanged
+    schema = pipeline._clean_schema(local, 5)
+    assert validate({"drop": [5]}, schema) == [] and validate({"drop": [6]}, schema)
+    c = JsonConstraint(schema)
+    assert c.feed(b'{"drop": [4, ') and c.accepts(b"5]}") and not c.accepts(b"6") and not c.accepts(b"9")
+
+
 def test_split_paragraphs():
     assert split_paragraphs("a\n\n b \n\n\nc", 100) == ["a", "b", "c"]
     assert split_paragraphs("one line\nanother line", 100) == ["one line", "another line"]
