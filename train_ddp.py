@@ -395,6 +395,8 @@ def train(targs: TrainArgs, model: Transformer | None = None, tokenizer=None) ->
         save_adapter(raw, largs, raw.args, out / "adapter")
         export_peft(raw, out / "peft", base_model_name=targs.checkpoint or "")
         plot_losses(out)
+    if rt.world_size > 1:  # ranks leave together: the outputs exist, and no rank tears gloo down under a busy peer
+        dist.barrier()
     return out
 
 
