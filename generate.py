@@ -519,7 +519,7 @@ class _SamplingState:
         hot, probs = self.hot, {}
         if len(hot):
             warped = top_k_top_p(logits[hot] / self.temperature[hot, None], self.top_k[hot], self.top_p[hot])
-            for j, (b, p) in enumerate(zip(hot.tolist(), warped.softmax(-1))):
+            for b, p in zip(hot.tolist(), warped.softmax(-1)):
                 probs[b] = p
                 nxt[b] = torch.multinomial(p, 1, generator=self.rows[b].gen)[0]
         for b, row in enumerate(self.rows):

@@ -161,6 +161,20 @@ def check_schema(schema: dict, path: str = "schema") -> None:
         check_schema(schema["additionalProperties"], f"{path}.additionalProperties")
 
 
+def decoding_schema(schema: dict) -> dict:
+    """The schema a local model's JSON is decoded under: `schema`, with every object that lists properties closed to
+    others (additionalProperties false where unset). A small model otherwise wanders into keys of its own and runs out
+    of tokens there; whatever it writes under this schema still validates against `schema`."""
+    out = dict(schema)
+    if "properties" in schema:
+        out["properties"] = {k: decoding_schema(v) for k, v in schema["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = decoding_schema(out[key])
+    return out
+
+
 def _is_type(value, name: str) -> bool:
     if name == "integer":  # JSON has one number type: 3.0 is an integer, True is not a number
         return (isinstance(value, int) and not isinstance(value, bool)) or \
@@ -355,11 +369,15 @@ class LLM:
         """Like chat_json, also returning the reasoning before the JSON; one repair retry, then LLMOutputError."""
         check_schema(schema)
         if self.args.backend == "local":  # reasoning, then JSON decoded under the schema (see _local)
-            params = {**params, "json_schema": schema}
-        raw = self.chat(messages, **params).text
+            params = {**params, "json_schema": decoding_schema(schema)}
+        answer = self.chat(messages, **params)
+        raw = answer.text
         try:
             return JSONAnswer(*parse_json_answer(raw, schema, check), raw=raw, repaired=False)
         except LLMOutputError as first:
+            if "json_schema" in params and answer.finish_reason == "length":  # a repair would run out as well
+                limit = min(params.get("max_tokens", 256), self.args.max_tokens_cap or float("inf"))
+                raise LLMOutputError(raw, f"the JSON answer did not end within max_tokens={limit}") from None
             log.info("invalid JSON answer (%s); asking for a repair", first.reason)
             repair = messages + [
                 {"role": "assistant", "content": raw},

@@ -499,6 +499,26 @@ def test_local_chat_json_reasons_then_decodes_the_json_under_the_schema(tmp_path
         assert llm.chat_json(messages, schema, max_tokens=96) == got.data and llm.usage["cached"] == 1
         with pytest.raises(ValueError, match="local model only"):
             LLM(LLMArgs(backend="openai", cache=None)).chat(messages, json_schema=schema)
+        # a JSON that runs out of tokens fails at once: a repair by the same model would run out as well
+        requests = llm.usage["requests"]
+        with pytest.raises(LLMOutputError, match="did not end within max_tokens=3"):
+            llm.chat_json_answer(messages, {"type": "object", "required": ["why"],
+                                            "properties": {"why": {"type": "string"}}}, max_tokens=3)
+        assert llm.usage["requests"] == requests + 1
+
+
+def test_decoding_schema_closes_objects_that_list_properties():
+    schema = {"type": "object", "required": ["coins"], "properties": {
+        "coins": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}}}},
+        "notes": {"type": "object", "additionalProperties": {"type": "object", "properties": {"x": {}}}},
+        "free": {"type": "object"}}}
+    closed = llm_mod.decoding_schema(schema)
+    good = {"coins": [{"name": "Bitcoin"}], "notes": {"a": {"x": 1}}, "free": {"anything": 1}}
+    assert validate(good, closed) == [] and validate(good, schema) == []
+    for extra in ({**good, "other": 1}, {**good, "coins": [{"name": "B", "ticker": "BTC"}]},
+                  {**good, "notes": {"a": {"x": 1, "y": 2}}}):
+        assert validate(extra, schema) == [] and validate(extra, closed)  # stricter, never looser
+    assert "additionalProperties" not in closed["properties"]["free"] and "additionalProperties" not in schema
 
 
 def test_max_tokens_cap_bounds_every_request(tmp_path):
