@@ -126,6 +126,10 @@ def test_response_format_decodes_json_as_generate_does(client, served, fmt, sche
                                          response_format=fmt)
     text = out.choices[0].message.content
     assert text == ref.text and JsonConstraint(schema).feed(text.encode())  # a prefix of a matching value
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0,
+                                                 response_format=fmt, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason == ref.finish_reason
     if out.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(text), dict) if schema == {"type": "object"} else json.loads(text) in PICK["enum"]
 
