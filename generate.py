@@ -23,6 +23,7 @@ row), so rows can also join a batch that is already decoding (continuous batchin
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -536,11 +537,13 @@ def _constrained(row: _Row, choice: int, logits: torch.Tensor, probs: torch.Tens
     """The next token of a row under its JSON constraint: the unconstrained choice when allowed. Otherwise a greedy
     row takes the most likely allowed token; a sampling row draws again without the rejected tokens, which samples
     from its distribution restricted to the allowed ones (and falls back to the most likely allowed token when its
-    top-k / top-p support holds none). Most steps check one token, not the vocabulary."""
+    top-k / top-p support holds none). Most steps check one token; the others check only the tokens whose first byte
+    may come next."""
     if row.allows(choice):
         return choice
+    maybe = _first_byte_allowed(row)  # a superset of the allowed tokens, from 256 one-byte checks
     if probs is not None:
-        probs = probs.clone()
+        probs = probs * maybe
         for _ in range(32):
             probs[choice] = 0.0
             if not probs.any():
@@ -553,11 +556,27 @@ def _constrained(row: _Row, choice: int, logits: torch.Tensor, probs: torch.Tens
             keep = torch.zeros_like(probs)
             keep[allowed] = probs[allowed]
             return int(torch.multinomial(keep, 1, generator=row.gen)[0])
-    top = logits.topk(min(64, len(logits))).indices.tolist()
-    for t in top + logits.argsort(descending=True).tolist()[len(top):]:
+    order = logits.masked_fill(~maybe, float("-inf")).argsort(descending=True, stable=True)[:int(maybe.sum())]
+    for t in order.tolist():
         if row.allows(t):
             return t
     raise RuntimeError(f"no token can continue the constrained JSON {row.text[-80:]!r}")
+
+
+def _first_byte_allowed(row: _Row) -> torch.Tensor:
+    """(V,) bool: the tokens whose first byte the row's constraint accepts next, and its stop tokens once the JSON is
+    complete."""
+    ok = torch.tensor([row.constraint.accepts(bytes([b])) for b in range(256)] + [False])
+    maybe = ok[_first_bytes(row.tok)]
+    if row.constraint.complete:
+        maybe[list(row.tok.stop_ids)] = True
+    return maybe
+
+
+@functools.lru_cache(maxsize=4)
+def _first_bytes(tokenizer) -> torch.Tensor:
+    """(V,) the first byte of every token's bytes; 256 for special and empty tokens."""
+    return torch.tensor([b[0] if b else 256 for b in tokenizer.token_bytes()])
 
 
 def _check_prompts(prompts: list[list[int]], max_len: int) -> None:

@@ -2,6 +2,7 @@
 transformers' logits processors, stops, streaming of multi-byte text, seeds, option scoring, and the CLI."""
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -403,9 +404,21 @@ def test_json_rows_sample_within_the_schema_beside_free_rows():
     assert results[1].token_ids == gen.generate_ids([prompts[1]], free)[0].token_ids  # the free row is untouched
 
 
+class _FakeTokenizer:
+    stop_ids: set = set()
+
+    def token_bytes(self):
+        return [b"A", b"Ax", b"B", b"Bx", b"C"]  # tokens 0 and 1 share a first byte, and so do 2 and 3
+
+
 class _FakeRow:
+    """A row whose constraint allows exactly the tokens in `allowed` (and accepts their first bytes)."""
+    tok = _FakeTokenizer()
+
     def __init__(self, allowed, seed=0):
         self.allowed, self.gen, self.text = set(allowed), torch.Generator().manual_seed(seed), ""
+        first = {self.tok.token_bytes()[t][:1] for t in allowed}
+        self.constraint = SimpleNamespace(complete=False, accepts=lambda data: data in first)
 
     def allows(self, token):
         return token in self.allowed
