@@ -59,6 +59,11 @@ def test_token_bytes_spell_the_encoded_text(ours, shared_data):
         assert b"".join(tb[i] for i in ours.encode(text)) == text.encode()
 
 
+def test_token_bytes_of_the_saved_tokenizer_json(ours, tmp_path):
+    ours.save_hf(tmp_path)
+    assert load_tokenizer(tmp_path).token_bytes() == ours.token_bytes()
+
+
 def test_special_tokens(ours, hf_tok):
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id)
     assert ours.vocab_size == len(hf_tok) == 49152
