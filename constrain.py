@@ -11,6 +11,9 @@ costs O(len(data)), and a copy shares the stack. What is accepted:
   `max_ws` bytes in a row (small models otherwise loop on newlines). Only whitespace may follow the root value.
 - Strings: no unescaped `"`, `\` or control byte < 0x20; escapes \" \\ \/ \b \f \n \r \t \uXXXX. Bytes >= 0x80
   pass as they come (the tokenizer's UTF-8 is not checked). Outside strings only ASCII JSON syntax.
+  minLength/maxLength (values, not keys) count code points as json.loads makes them: a UTF-8 lead byte (not
+  0b10xxxxxx) or an escape is one, and a \uXXXX low surrogate right after a \uXXXX high surrogate joins it
+  (so exact for valid UTF-8). The closing quote needs minLength; a character beyond maxLength is refused.
 - Numbers: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?; type "integer" (without "number") only -?(0|[1-9][0-9]*).
   A root number is `complete` once it could end but not `closed`, since more digits could follow.
 - Keywords are those of llm.check_schema. `type` (absent: any) is checked on the first byte of a value.
@@ -23,7 +26,8 @@ costs O(len(data)), and a copy shares the stack. What is accepted:
   json.dumps(k, ensure_ascii=False) writes it; otherwise any string, decoded (escapes included) to pick its schema,
   and a key already used is rejected at its closing quote. `}` needs every `required` key; `,` needs a key that can
   still be added.
-- Arrays: every element matches `items` (absent: any); `[]` is allowed.
+- Arrays: every element matches `items` (absent: any); `]` needs minItems elements, `,` and an element need room
+  under maxItems.
 - `closed`: the root value ended with a byte nothing can extend (`}`, `]`, `"`, true/false/null, a whole enum
   candidate); only whitespace may follow.
 """
@@ -34,7 +38,8 @@ import math
 import re
 
 # The subset llm.check_schema accepts, copied: this module is standard-library only (llm needs numpy).
-SCHEMA_KEYWORDS = {"type", "properties", "required", "enum", "items", "minimum", "maximum", "additionalProperties"}
+SCHEMA_KEYWORDS = {"type", "properties", "required", "enum", "items", "minimum", "maximum", "additionalProperties",
+                   "minItems", "maxItems", "minLength", "maxLength"}
 SCHEMA_ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "$schema"}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
@@ -45,7 +50,8 @@ START, COLON, AFTER, COMMA = range(4)
 _WS = frozenset(b" \t\n\r")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b'"\\/bfnrtu')
-_PLAIN = re.compile(rb'[^"\\\x00-\x1f]+')  # string bytes that change nothing: skip them in one step
+_PLAIN = re.compile(rb'[^"\\\x00-\x1f]+')  # string bytes that change nothing but the length: skip them in one step
+_CONT = bytes(range(0x80, 0xC0))  # UTF-8 continuation bytes: the rest of a character, not one more
 _KIND = {ord("{"): "object", ord("["): "array", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean",
          ord("n"): "null", **dict.fromkeys(b"-0123456789", "number")}
 _WORDS = {ord("t"): b"true", ord("f"): b"false", ord("n"): b"null"}
@@ -70,7 +76,8 @@ _ENDS = {2, 3, 5, 8}  # states in which a number may end
 
 class _Node:
     """One compiled (sub-)schema: the kinds a value may start as, and the schemas of its members."""
-    __slots__ = ("kinds", "table", "props", "keys", "required", "closed", "extra", "items", "enum")
+    __slots__ = ("kinds", "table", "props", "keys", "required", "closed", "extra", "items", "enum", "min_items",
+                 "max_items", "min_len", "max_len")
 
     def __init__(self, schema: dict, path: str):
         if not isinstance(schema, dict):
@@ -94,6 +101,8 @@ class _Node:
         self.required, self.closed = frozenset(schema.get("required", [])), extra is False
         self.extra = None if isinstance(extra, bool) else _Node(extra, f"{path}.additionalProperties")  # None: any
         self.items = _Node(schema["items"], f"{path}.items") if "items" in schema else None  # None: any
+        self.min_items, self.max_items = _bounds(schema, path, "minItems", "maxItems")
+        self.min_len, self.max_len = _bounds(schema, path, "minLength", "maxLength")  # set before enum filtering
         self.enum = None
         if "enum" in schema:  # keep the candidates the rest of the schema allows: validate checks both
             cands = dict.fromkeys(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode()
@@ -103,6 +112,18 @@ class _Node:
         if self.enum is None and types == ["integer"] and lo is not None and hi is not None and hi - lo <= 1024:
             # a small integer range is enforced as the enum of its values (1 to the number of paragraphs, say)
             self.enum = tuple(str(i).encode() for i in range(math.ceil(lo), math.floor(hi) + 1))
+
+
+def _bounds(schema: dict, path: str, lo: str, hi: str) -> tuple[int, float]:
+    """(schema[lo], schema[hi]) with defaults 0 and infinity, checked as llm.check_schema checks them."""
+    for key in (lo, hi):
+        n = schema.get(key, 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{path}.{key}: {n!r} must be an integer >= 0")
+    bounds = schema.get(lo, 0), schema.get(hi, math.inf)
+    if bounds[0] > bounds[1]:
+        raise ValueError(f"{path}: {lo} {bounds[0]} is more than {hi} {bounds[1]}; no value could match")
+    return bounds
 
 
 def _key(stack: list, name: str) -> bool:
@@ -129,26 +150,38 @@ def _run(stack: list, ws: int, data: bytes, max_ws: int) -> tuple[list, int] | N
     while i < n:
         b, top = data[i], stack[-1]
         kind = top[0]
-        if kind == STR:  # (STR, 0 | -1 after '\' | hex digits still due, raw bytes of an object key or None)
-            esc, raw = top[1], top[2]
+        if kind == STR:  # (STR, node, code points, escape, \u value so far, after a high surrogate, key bytes)
+            # escape: 0 | -1 after '\' | hex digits still due. Key bytes: those of an object key, else None.
+            _, node, count, esc, code, high, raw = top
+            room = count < node.max_len
             m = _PLAIN.match(data, i) if esc == 0 else None
             if m:
-                j = m.end()
-            elif esc == 0 and b == 34:  # closing quote
+                j, high = m.end(), False
+                count += len(data[i:j].translate(None, _CONT))
+                if count > node.max_len:
+                    return None
+            elif esc == 0 and b == 34 and count >= node.min_len:  # closing quote
                 stack.pop()
                 i += 1
                 if raw is not None and not _key(stack, json.loads('"' + raw.decode("utf-8", "replace") + '"')):
                     return None
                 continue
-            elif esc == 0 and b == 92:  # backslash
+            elif esc == 0 and b == 92 and (room or high):  # backslash; at maxLength only a joining low surrogate
                 j, esc = i + 1, -1
-            elif esc == -1 and b in _ESCAPES:
-                j, esc = i + 1, 4 if b == 117 else 0
+            elif esc == -1 and b == 117:  # u
+                j, esc, code = i + 1, 4, 0
+            elif esc == -1 and b in _ESCAPES and room:
+                j, esc, count, high = i + 1, 0, count + 1, False
             elif esc > 0 and b in _HEX:
-                j, esc = i + 1, esc - 1
+                j, esc, code = i + 1, esc - 1, code * 16 + int(chr(b), 16)
+                if not room and not 0xDC00 >> 4 * esc <= code <= 0xDFFF >> 4 * esc:  # can no longer be a low one
+                    return None
+                if esc == 0:  # json.loads joins a high surrogate and the low one right after it into one code point
+                    joined = high and 0xDC00 <= code <= 0xDFFF
+                    count, high = count + (not joined), not joined and 0xD800 <= code <= 0xDBFF
             else:
                 return None
-            stack[-1] = (STR, esc, None if raw is None else raw + data[i:j])
+            stack[-1] = (STR, node, count, esc, code, high, None if raw is None else raw + data[i:j])
             i = j
             continue
         if kind == LIT:  # (LIT, candidates, bytes matched, key names by literal for object keys, else None)
@@ -197,21 +230,21 @@ def _run(stack: list, ws: int, data: bytes, max_ws: int) -> tuple[list, int] | N
             if b == 123:  # {
                 stack[-1] = (OBJ, node, START, frozenset(), None)
             elif b == 91:  # [
-                stack[-1] = (ARR, node.items or _ANY, START)
+                stack[-1] = (ARR, node, START, 0)
             elif b == 34:  # "
-                stack[-1] = (STR, 0, None)
+                stack[-1] = (STR, node, 0, 0, 0, False, None)
             else:
                 stack[-1] = (LIT, (_WORDS[b],), 0, None) if b in _WORDS else (NUM, node.table, 0)
                 continue
-        elif kind == ARR:  # (ARR, schema of the elements, state)
-            state = top[2]
-            if b == 93 and state != COMMA:  # ]
+        elif kind == ARR:  # (ARR, node, state, elements so far)
+            _, node, state, count = top
+            if b == 93 and state != COMMA and count >= node.min_items:  # ]
                 stack.pop()
-            elif b == 44 and state == AFTER:  # ,
-                stack[-1] = (ARR, top[1], COMMA)
-            elif state != AFTER:
-                stack[-1] = (ARR, top[1], AFTER)
-                stack.append((VAL, top[1]))
+            elif b == 44 and state == AFTER and count < node.max_items:  # ,
+                stack[-1] = (ARR, node, COMMA, count)
+            elif state != AFTER and b != 93 and count < node.max_items:
+                stack[-1] = (ARR, node, AFTER, count + 1)
+                stack.append((VAL, node.items or _ANY))
                 continue
             else:
                 return None
@@ -221,7 +254,7 @@ def _run(stack: list, ws: int, data: bytes, max_ws: int) -> tuple[list, int] | N
                 stack.pop()
             elif b == 34 and state in (START, COMMA):
                 if not node.closed:
-                    stack.append((STR, 0, b""))
+                    stack.append((STR, _ANY, 0, 0, 0, False, b""))  # keys have no length bounds
                 elif free := tuple(lit for lit, k in node.keys.items() if k not in used):
                     stack.append((LIT, free, 1, node.keys))
                 else:

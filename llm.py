@@ -59,7 +59,9 @@ PRICES = {
 # Statuses worth retrying: rate limits, request timeout, conflicts (OpenAI's own client retries these) and 5xx.
 RETRY_STATUSES = {408, 409, 429}
 SCHEMA_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-SCHEMA_KEYWORDS = {"type", "properties", "required", "enum", "items", "minimum", "maximum", "additionalProperties"}
+SCHEMA_KEYWORDS = {"type", "properties", "required", "enum", "items", "minimum", "maximum", "additionalProperties",
+                   "minItems", "maxItems", "minLength", "maxLength"}
+SCHEMA_LENGTHS = (("minItems", "maxItems"), ("minLength", "maxLength"))  # non-negative integer bounds, min <= max
 SCHEMA_ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "$schema"}
 JSON_FENCE = "```json"  # a chain-of-thought answer ends with its JSON object after this fence
 
@@ -153,6 +155,13 @@ def check_schema(schema: dict, path: str = "schema") -> None:
     if unknown:
         raise ValueError(f"{path}: unsupported JSON-schema keywords {sorted(unknown)}; "
                          f"llm.validate knows {sorted(SCHEMA_KEYWORDS)}")
+    for lo, hi in SCHEMA_LENGTHS:
+        for key in (lo, hi):
+            n = schema.get(key, 0)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"{path}.{key}: {n!r} must be an integer >= 0")
+        if lo in schema and hi in schema and schema[lo] > schema[hi]:
+            raise ValueError(f"{path}: {lo} {schema[lo]} is more than {hi} {schema[hi]}; no value could match")
     for name, sub in schema.get("properties", {}).items():
         check_schema(sub, f"{path}.properties.{name}")
     if isinstance(schema.get("items"), dict):
@@ -196,8 +205,9 @@ def _json_equal(a, b) -> bool:
 
 
 def validate(value, schema: dict, path: str = "$") -> list[str]:
-    """Errors of `value` against a JSON-schema subset (type, properties, required, enum, items, minimum,
-    maximum, additionalProperties), each naming its JSON path; [] when valid."""
+    """Errors of `value` against a JSON-schema subset (type, properties, required, enum, items, minimum, maximum,
+    additionalProperties, minItems, maxItems, minLength, maxLength), each naming its JSON path; [] when valid.
+    A string's length is its number of code points, len(value)."""
     types = schema.get("type")
     if types is not None:
         types = [types] if isinstance(types, str) else types
@@ -222,6 +232,12 @@ def validate(value, schema: dict, path: str = "$") -> list[str]:
                 errors.append(f"{path}: unexpected key {k!r} (allowed: {sorted(props)})")
             elif isinstance(extra, dict):
                 errors += validate(v, extra, f"{path}.{k}")
+    if isinstance(value, (list, str)):  # items of an array, code points of a string
+        (lo, hi), unit = (SCHEMA_LENGTHS[1], "characters") if isinstance(value, str) else (SCHEMA_LENGTHS[0], "items")
+        if lo in schema and len(value) < schema[lo]:
+            errors.append(f"{path}: {len(value)} {unit}, fewer than {lo} {schema[lo]}")
+        if hi in schema and len(value) > schema[hi]:
+            errors.append(f"{path}: {len(value)} {unit}, more than {hi} {schema[hi]}")
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
         for i, v in enumerate(value):
             errors += validate(v, schema["items"], f"{path}[{i}]")

@@ -14,26 +14,40 @@ CLOSED = {"type": "object", "required": ["id", "tags"], "additionalProperties": 
                          "ratio": {"type": ["number", "null"]}, "key with space": {"type": "string"},
                          "meta": {"type": "object", "additionalProperties": {"type": ["boolean", "null"]}}}}
 OPEN = {"type": "object", "required": ["é"], "properties": {"é": {"type": "integer"}, 'a"b': {"type": "boolean"}}}
+TAGS = {"type": "array", "minItems": 1, "maxItems": 3, "items": {"type": "string", "minLength": 1, "maxLength": 2}}
+LENGTHS = {"type": "object", "required": ["name", "pair"], "additionalProperties": {"type": "string", "maxLength": 1},
+           "properties": {"name": {"type": "string", "minLength": 2, "maxLength": 4},
+                          "code": {"type": ["string", "null"], "minLength": 1, "maxLength": 1},
+                          "pair": {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "integer"}},
+                          "none": {"type": "array", "maxItems": 0},
+                          "pick": {"enum": ["ab", "abc", "", 7, None], "maxLength": 2}}}
 SCHEMAS = {
     "any": {}, "clean": CLEAN_SCHEMA, "extract": EXTRACT_SCHEMA, "sentiment": SENTIMENT_SCHEMA,
     "annotation": ANNOTATION_SCHEMA, "closed": CLOSED, "open": OPEN,
     "type_list": {"type": ["string", "null", "integer"]},
     "enum": {"enum": [1, 10, -2, 1.5, "a", "ab", None, True, "q\"\\"]},
     "matrix": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+    "tags": TAGS, "lengths": LENGTHS, "three_chars": {"type": "string", "minLength": 3, "maxLength": 3},
 }
 DUMPS = [dict(separators=(",", ":")), dict(indent=2), dict(ensure_ascii=False), dict(indent=2, ensure_ascii=False)]
 CHARS = list("abcXYZ 09") + ['"', "\\", "/", "\n", "\t", "\x00", "\x1f", "\x7f", "é", "中", "😀", "\u2028"]
 ALL_TYPES = ["object", "array", "string", "number", "integer", "boolean", "null"]
 
 
-def random_string(rng: random.Random) -> str:
-    return "".join(rng.choice(CHARS) for _ in range(rng.randint(0, 8)))
+def random_length(rng: random.Random, schema: dict, lo: str, hi: str, most: int) -> int:
+    """A random length within the schema's bounds lo..hi, at most `most` unless lo asks for more."""
+    low = schema.get(lo, 0)
+    return rng.randint(low, min(schema.get(hi, most), max(low, most)))
+
+
+def random_string(rng: random.Random, schema: dict | None = None) -> str:
+    return "".join(rng.choice(CHARS) for _ in range(random_length(rng, schema or {}, "minLength", "maxLength", 8)))
 
 
 def random_value(schema: dict, rng: random.Random, depth: int = 0):
     """A random value meant to pass llm.validate(value, schema); the tests check that it does."""
-    if "enum" in schema:
-        return rng.choice(schema["enum"])
+    if "enum" in schema:  # the candidates the rest of the schema allows
+        return rng.choice([v for v in schema["enum"] if validate(v, schema) == []])
     types = schema.get("type", ALL_TYPES)
     types = [types] if isinstance(types, str) else types
     if depth >= 3:  # keep documents small: containers only where the schema insists
@@ -47,13 +61,16 @@ def random_value(schema: dict, rng: random.Random, depth: int = 0):
         rng.shuffle(keys)
         return {k: random_value(props.get(k, extra if isinstance(extra, dict) else {}), rng, depth + 1) for k in keys}
     if kind == "array":
-        return [random_value(schema.get("items", {}), rng, depth + 1) for _ in range(rng.randint(0, 3))]
+        n = random_length(rng, schema, "minItems", "maxItems", 3)
+        return [random_value(schema.get("items", {}), rng, depth + 1) for _ in range(n)]
     if kind in ("integer", "number"):
         value = rng.choice([0, 1, 7, -3, rng.randint(-10**6, 10**6), 10**20])
         if kind == "number":
             value = rng.choice([value, 0.0, -0.5, 1e-7, 3.25e21, rng.uniform(-1e3, 1e3)])
         return abs(value) + schema["minimum"] if "minimum" in schema else value
-    return {"string": random_string, "boolean": lambda r: r.random() < 0.5, "null": lambda r: None}[kind](rng)
+    if kind == "string":
+        return random_string(rng, schema)
+    return {"boolean": lambda r: r.random() < 0.5, "null": lambda r: None}[kind](rng)
 
 
 def documents(seed: int, per_schema: int):
@@ -141,6 +158,10 @@ def check_sound(schema: dict, text: bytes) -> bool:
         return False
     value = json.loads(text.decode("utf-8", "replace"), object_pairs_hook=no_duplicates)
     errors = [e for e in validate(value, schema) if "minimum" not in e and "maximum" not in e]
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:  # lengths count UTF-8 lead bytes: exact for valid UTF-8 only, which is not checked
+        errors = [e for e in errors if "Length" not in e]
     assert errors == [], (text, errors)
     return True
 
@@ -160,9 +181,29 @@ def test_random_bytes_that_are_accepted_whole_parse_and_validate():
     complete = 0
     for _ in range(3000):
         text = bytes(rng.choice(STRUCTURAL) for _ in range(rng.randint(1, 12)))
-        for schema in ({}, SCHEMAS["type_list"], SCHEMAS["enum"], SCHEMAS["matrix"]):
+        for schema in ({}, SCHEMAS["type_list"], SCHEMAS["enum"], SCHEMAS["matrix"], TAGS):
             complete += check_sound(schema, text)
     assert complete > 100
+
+
+# Pieces of string text: raw UTF-8 (1-4 bytes a code point), escapes, and \u surrogates json.loads joins in pairs.
+PIECES = ["a", "é", "中", "😀", "\\n", '\\"', "\\u00e9", "\\u0041", "\\ud83d", "\\ude00", "\\udbff", "\\udc00"]
+
+
+def test_string_lengths_are_counted_as_json_loads_counts_them():
+    """Exact on whole strings (accepted iff json.loads gives a length in bounds), and no dead end on the way."""
+    rng = random.Random(5)
+    ends = [b"\\udc00"[len(b"\\udc00") - k:] for k in range(7)]  # finishes any escape, joining a high surrogate
+    for _ in range(400):
+        lo = rng.randint(0, 3)
+        schema = {"type": "string", "minLength": lo, "maxLength": lo + rng.randint(0, 2)}
+        text = ('"' + "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 6))) + '"').encode()
+        c = fed(schema, text)
+        assert (c is not None and c.complete) == (lo <= len(json.loads(text)) <= schema["maxLength"]), (schema, text)
+        for i in range(1, len(text)):  # every accepted prefix can still be finished
+            if (c := fed(schema, text[:i])) is None:
+                break
+            assert any(c.accepts(end + b"a" * k + b'"') for end in ends for k in range(lo + 1)), (schema, text[:i])
 
 
 # ----------------------------------------------------------------------------- handcrafted prefixes
@@ -205,6 +246,41 @@ def test_enum_and_types_reject_wrong_first_bytes():
     assert c.accepts(b"]") and c.accepts(b",10]") and c.accepts(b"0]") and not c.accepts(b"00")
     assert fed({"enum": ["é"]}, '"é"'.encode()).closed and not fed({"enum": ["é"]}, b"").accepts(b'"\\u00e9"')
     assert fed({"enum": [{"a": 1}]}, b'{"a":1}').closed and fed({"enum": [{"a": 1}]}, b'{"a": 1}') is None
+
+
+def test_min_and_max_items_gate_brackets_and_commas():
+    c = fed({"type": "array", "maxItems": 2}, b"[1, 2")
+    assert not c.accepts(b",") and not c.accepts(b" ,") and c.accepts(b"]") and c.accepts(b" ]")
+    c = fed({"type": "array", "minItems": 1}, b"[")
+    assert not c.accepts(b"]") and not c.accepts(b" ]") and c.accepts(b"1]") and not c.accepts(b"1,]")
+    assert fed({"maxItems": 0}, b"[").accepts(b"]") and not fed({"maxItems": 0}, b"[").accepts(b"1")
+    c = fed(TAGS, b'["a", "b", "c"')
+    assert not c.accepts(b",") and c.accepts(b"]") and not fed(TAGS, b'["a",').accepts(b'""')
+
+
+def test_max_length_refuses_a_character_too_many_however_it_is_written():
+    c = fed({"type": "string", "maxLength": 3}, b'"abc')
+    for fourth in (b"d", "é".encode(), "😀".encode()[:1], b"\\", b"\\n", b"\\u00e9", b"\\ud83d\\ude00"):
+        assert not c.accepts(fourth), fourth
+    assert c.accepts(b'"') and fed({"type": "string", "maxLength": 3}, "\"a😀é\"".encode()).closed
+    c = fed({"type": "string", "maxLength": 3}, b'"ab')
+    assert c.accepts("😀\"".encode()) and c.accepts(b'\\ud83d\\ude00"') and c.accepts(b'\\ud83d"')
+    c = fed({"type": "string", "maxLength": 3}, b'"ab\\ud83d')  # at maxLength: only the low half may follow
+    assert c.accepts(b'\\ude00"') and c.accepts(b'\\uDFFF"') and c.accepts(b'"')
+    assert not c.accepts(b"\\n") and not c.accepts(b"\\ud83d") and not c.accepts(b"\\u0") and not c.accepts(b"\\ue")
+    c = fed({"type": "string", "minLength": 2, "maxLength": 2}, b'"')
+    assert not c.accepts(b'\\ud83d\\ude00"') and c.accepts(b'\\ud83d\\ud83d"') and c.accepts(b'\\ude00\\ud83d"')
+    assert fed({"minLength": 1}, b'"').accepts(b'\\ud83d\\ude00"') and not fed({"minLength": 1}, b'"').accepts(b'"')
+
+
+def test_length_keywords_apply_to_values_and_enum_candidates_not_keys():
+    schema = {"type": "object", "additionalProperties": {"type": "string", "maxLength": 1}}
+    assert fed(schema, b'{"a long key": "x"}').closed and fed(schema, b'{"k": "xy"}') is None
+    assert fed({"type": ["integer", "array", "string"], "maxLength": 0, "maxItems": 0}, b"12345").complete
+    c = fed(LENGTHS, b'{"pick": ')
+    assert c.accepts(b'"ab"') and c.accepts(b'""') and c.accepts(b"7") and not c.accepts(b'"abc"')
+    c = JsonConstraint({"enum": ["😀é", "é😀é", ["x", "y"]], "maxLength": 2, "maxItems": 1})
+    assert c.accepts('"😀é"'.encode()) and not c.accepts('"é😀'.encode()) and not c.accepts(b"[")
 
 
 def test_integers_reject_fraction_exponent_and_leading_zero():
@@ -260,6 +336,11 @@ def test_unsupported_schemas_are_refused_with_their_path():
         JsonConstraint({"properties": {"a": {"type": "string", "pattern": "x"}}})
     with pytest.raises(ValueError, match=r"schema\.items\.type"):
         JsonConstraint({"items": {"type": "float"}})
+    for bad in ({"maxItems": -1}, {"minLength": 1.5}, {"maxLength": True}, {"minItems": "1"}):
+        with pytest.raises(ValueError, match=rf"schema\.items\.{next(iter(bad))}: .* must be an integer >= 0"):
+            JsonConstraint({"items": bad})
+    with pytest.raises(ValueError, match=r"schema: minLength 3 is more than maxLength 2"):
+        JsonConstraint({"minLength": 3, "maxLength": 2})
     with pytest.raises(ValueError, match="max_ws"):
         JsonConstraint({}, max_ws=-1)
     JsonConstraint({"title": "t", "$schema": "x", "description": "d", "default": 1, "examples": [], "$comment": "c",

@@ -208,6 +208,29 @@ def test_unsupported_schema_keyword_is_rejected(tmp_path):
         assert server.requests == []
 
 
+def test_validate_length_keywords_name_the_path():
+    items = {"type": "string", "minLength": 1, "maxLength": 2}
+    coins = {"type": "array", "minItems": 1, "maxItems": 2, "items": items}
+    schema = {"type": "object", "properties": {"coins": coins}}
+    llm_mod.check_schema(schema)
+    assert validate({"coins": ["a", "😀é"]}, schema) == []  # code points, not bytes or UTF-16 units
+    assert validate({"coins": ["a", "b", "c"]}, schema) == ["$.coins: 3 items, more than maxItems 2"]
+    assert validate({"coins": []}, schema) == ["$.coins: 0 items, fewer than minItems 1"]
+    assert validate({"coins": ["", "abc"]}, schema) == ["$.coins[0]: 0 characters, fewer than minLength 1",
+                                                        "$.coins[1]: 3 characters, more than maxLength 2"]
+    assert validate(12345, {"maxLength": 1}) == [] and validate({"a": 1, "b": 2}, {"maxItems": 0}) == []
+
+
+def test_check_schema_refuses_bad_length_bounds():
+    for bad in ({"maxItems": -1}, {"minLength": 1.5}, {"maxLength": True}, {"minItems": "2"}):
+        key = next(iter(bad))
+        with pytest.raises(ValueError, match=rf"schema\.properties\.x\.items\.{key}: .* must be an integer >= 0"):
+            llm_mod.check_schema({"type": "object", "properties": {"x": {"items": bad}}})
+    with pytest.raises(ValueError, match=r"schema\.properties\.x: minItems 3 is more than maxItems 2"):
+        llm_mod.check_schema({"properties": {"x": {"minItems": 3, "maxItems": 2}}})
+    llm_mod.check_schema({"minItems": 0, "maxItems": 0, "minLength": 2, "maxLength": 2})
+
+
 def test_map_keeps_order_and_loses_nothing(tmp_path):
     rng = random.Random(0)
     delays = {str(i): rng.random() * 0.03 for i in range(40)}
@@ -304,8 +327,13 @@ def _random_schema(rng, depth=0):
             s["additionalProperties"] = False
         return s
     if kind == "array":
-        return {"type": "array", "items": _random_schema(rng, depth + 1)}
+        s = {"type": "array", "items": _random_schema(rng, depth + 1)}
+        if rng.random() < 0.5:
+            s.update(minItems=rng.choice([0, 1, 2]), maxItems=rng.choice([2, 3]))
+        return s
     s = {"type": kind}
+    if kind == "string" and rng.random() < 0.5:
+        s.update(minLength=rng.choice([0, 1, 2]), maxLength=rng.choice([2, 3]))
     if kind in ("number", "integer") and rng.random() < 0.7:
         s.update(minimum=rng.choice([-1, 0, 0.5]), maximum=rng.choice([1, 2, 10]))
     return s
@@ -317,7 +345,7 @@ def _random_value(rng, depth=0):
         return {k: _random_value(rng, depth + 1) for k in rng.sample("pqrst", rng.randint(0, 4))}
     if kind == "a":
         return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
-    return {"s": lambda: rng.choice(["a", "b", "x"]), "i": lambda: rng.randint(-2, 12),
+    return {"s": lambda: rng.choice(["a", "b", "x", "", "abc", "é😀"]), "i": lambda: rng.randint(-2, 12),
             "f": lambda: rng.choice([0.5, 1.0, 2.0, -1.5, 3.0]), "b": lambda: rng.random() < 0.5,
             "n": lambda: None, "e": lambda: rng.choice(["a", 1, 2, True, 0])}[kind]()
 
