@@ -404,6 +404,28 @@ def test_json_rows_sample_within_the_schema_beside_free_rows():
     assert results[1].token_ids == gen.generate_ids([prompts[1]], free)[0].token_ids  # the free row is untouched
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_constrained_rows_joining_mid_decode_equal_each_prompt_alone(temperature):
+    gen = tiny_generator(seed=5)
+    schema = json.dumps(CHOICE)
+    jobs = [(ids_of("JSON"), GenerateArgs(max_new_tokens=200, temperature=temperature, seed=1, json_schema=schema)),
+            (ids_of("free text"), GenerateArgs(max_new_tokens=30, temperature=temperature, seed=2)),
+            (ids_of("a longer prompt, then JSON"),
+             GenerateArgs(max_new_tokens=200, temperature=temperature, seed=3, json_schema=schema))]
+    batch = RunningBatch(gen.model, gen.tokenizer)
+    rows = batch.add([jobs[0][0]], [jobs[0][1]], [1])
+    for k, job in enumerate(jobs[1:], 2):
+        for _ in range(4):
+            batch.step()
+        rows += batch.add([job[0]], [job[1]], [k])
+    while batch.rows:
+        batch.step()
+    for row, (p, a) in zip(rows, jobs):
+        assert row.ids == alone(gen, p, a)
+    for row in rows[::2]:
+        assert row.finish_reason == "stop" and validate(json.loads(row.text), CHOICE) == []
+
+
 class _FakeTokenizer:
     stop_ids: set = set()
 
