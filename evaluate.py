@@ -612,6 +612,17 @@ def extraction_schema() -> dict:
                                      "items": {**coin, "type": ["object", "string"], "required": ["name"]}}}}
 
 
+def extraction_decoding_schema() -> dict:
+    """What constrained extraction decodes under: extraction_schema() with the event type one of annotate's and coins
+    as {name, ticker} objects, no other keys (llm.decoding_schema); whatever it decodes validates against it."""
+    from annotate.schema import EVENT_TYPES, EXTRACT_SCHEMA
+    from llm import decoding_schema
+
+    coins = {"type": "array", "items": EXTRACT_SCHEMA["properties"]["coins"]["items"]}
+    return decoding_schema({**extraction_schema(), "properties": {"event_type": {"enum": EVENT_TYPES},
+                                                                  "coins": coins}})
+
+
 def parse_extraction(answer: str) -> tuple[dict | None, str | None]:
     """(object, None) for the last JSON object in the answer that fits extraction_schema(), else (None, reason)."""
     from llm import LLMOutputError, parse_json_answer
@@ -719,6 +730,9 @@ class NewsArgs:
     max_new_tokens: int = field(default=48, metadata={"help": "answer length limit for QA"})
     extract_tokens: int = field(default=80, metadata={"help": "answer length limit for the JSON extraction (the "
                                                               "sample's gold answers take <= 56 tokens)"})
+    constrained: bool = field(default=False, metadata={
+        "help": "decode the local systems' extraction JSON under its schema, event types from annotate's list "
+                "(generate.py json_schema); API systems answer as usual"})
     batch_tokens: int = field(default=8192, metadata={"help": "a local model generates together as many prompts "
                                                               "as fit: rows x longest prompt <= this"})
     k: int | None = field(default=None, metadata={"help": "chunks retrieved per question; none = retrieval.qa's"})
@@ -760,10 +774,11 @@ def _article_text(item: dict) -> str:
 
 
 def _complete(model, api: bool, tasks: list[tuple[str, str]], max_tokens: int, batch_tokens: int,
-              desc: str) -> list[str]:
+              desc: str, json_schema: dict | None = None) -> list[str]:
     """Greedy answers to (instruction, input) pairs: from an API model through llm.py, or from a local Generator in
-    the prompt format data.py trains on. Local batches hold prompts of similar length (less padding), as many as fit
-    batch_tokens: a decoding step of 64 rows costs ~1.5x one of 16 on CPU, so wide batches save most."""
+    the prompt format data.py trains on (decoded under json_schema when given). Local batches hold prompts of similar
+    length (less padding), as many as fit batch_tokens: a decoding step of 64 rows costs ~1.5x one of 16 on CPU, so
+    wide batches save most."""
     if api:
         def ask(task: tuple[str, str]) -> str:
             content = f"{task[0]}\n\n{task[1]}" if task[1] else task[0]
@@ -786,7 +801,7 @@ def _complete(model, api: bool, tasks: list[tuple[str, str]], max_tokens: int, b
         batches.append(order[start:start + n])
         start += n
     texts = [""] * len(ids)
-    gargs = GenerateArgs(max_new_tokens=max_tokens)
+    gargs = GenerateArgs(max_new_tokens=max_tokens, json_schema=json.dumps(json_schema) if json_schema else "")
     with tqdm(total=len(ids), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
         for batch in batches:
             for i, result in zip(batch, model.generate_ids([ids[i] for i in batch], gargs)):
@@ -809,7 +824,8 @@ def news_extraction(model, api: bool, items: list[dict], args: NewsArgs, desc: s
                     ) -> tuple[dict, list[dict]]:
     """JSON validity, micro F1 of the coins (summed over articles) and event-type scores of one extraction prompt."""
     tasks = [(extraction_instruction(), _article_text(it)) for it in items]
-    answers = _complete(model, api, tasks, args.extract_tokens, args.batch_tokens, desc)
+    schema = extraction_decoding_schema() if args.constrained and not api else None
+    answers = _complete(model, api, tasks, args.extract_tokens, args.batch_tokens, desc, schema)
     records, counts = [], np.zeros(3, dtype=np.int64)
     for it, answer in zip(items, answers):
         obj, error = parse_extraction(answer)
@@ -921,6 +937,7 @@ def evaluate_news(args: NewsArgs, llm=None, generators: dict | None = None) -> d
     setup = {"articles": len(items), "questions": sum(len(it["gold"]["qa"]) for it in items),
              "labels": str(args.labels), "checkpoint": args.checkpoint or "embedded SmolLM2-135M-Instruct",
              "adapter": args.adapter, "api_model": args.api_model, "dtype": args.dtype,
+             "constrained": args.constrained,
              "index": None if index is None else f"{index_path} ({len(index)} chunks, {index.embedder_name})"}
     paths = {"report": out / "report.md", "plot": out / "news.png", "predictions": out / "predictions.jsonl",
              "metrics": out / "metrics.json"}
@@ -938,7 +955,9 @@ def news_report(path: Path, results: dict, setup: dict) -> None:
              f"model {setup['checkpoint']} ({setup['dtype']})"
              + (f", adapter `{setup['adapter']}`" if setup["adapter"] else "")
              + (f", API model `{setup['api_model']}`" if setup["api_model"] else "")
-             + (f"; index {setup['index']}" if setup["index"] else "") + ". Greedy decoding.", "",
+             + (f"; index {setup['index']}" if setup["index"] else "") + ". Greedy decoding"
+             + ("; the local systems' extraction JSON decoded under its schema (--constrained)."
+                if setup.get("constrained") else "."), "",
              "| system | " + " | ".join(h for _, h in NEWS_METRICS) + " | seconds |",
              "|---" * (len(NEWS_METRICS) + 2) + "|"]
     for system, m in results.items():

@@ -277,3 +277,32 @@ def test_tiny_model_run_of_all_four_systems(tmp_path, smollm2_gguf, hashing_inde
     assert all(0.0 <= v <= 1.0 for m in result["systems"].values() for k, v in m.items() if k != "seconds")
     logprobs = {s: [p["logprobs"] for p in preds if p["system"] == s and p["task"] == "sentiment"] for s in systems}
     assert logprobs["base"] != logprobs["fine-tuned"]  # the adapter was applied
+
+
+def test_constrained_extraction_decodes_under_the_schema(tmp_path, smollm2_gguf, capsys):
+    """--constrained: a tiny random model's extraction answers are prefixes of JSON the decoding schema allows, and
+    every answer that ended is a valid extraction (an event type from annotate's list)."""
+    from annotate.schema import EVENT_TYPES
+    from checkpoint import save_model
+    from constrain import JsonConstraint
+    from model import ModelArgs, Transformer
+    from tokenizer import Tokenizer
+
+    torch.manual_seed(1)
+    tok = Tokenizer.from_gguf(smollm2_gguf)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
+                                  max_seq_len=2048))
+    checkpoint = save_model(model, tmp_path / "tiny", format="meta", tokenizer_src=smollm2_gguf)
+    out = tmp_path / "news"
+    evaluate.main(["news", "--checkpoint", str(checkpoint), "--systems", "base", "--out", str(out), "--limit", "3",
+                   "--max-new-tokens", "4", "--extract-tokens", "64", "--dtype", "float32", "--constrained"])
+    json.loads(capsys.readouterr().out)
+    answers = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    answers = [a for a in answers if a["task"] == "extraction"]
+    assert len(answers) == 3 and "decoded under its schema" in (out / "report.md").read_text()
+    for a in answers:
+        c = JsonConstraint(evaluate.extraction_decoding_schema())
+        assert c.feed(a["answer"].encode())
+        assert a["valid"] == c.complete
+        if a["valid"]:
+            assert a["event_type"] in EVENT_TYPES
