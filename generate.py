@@ -74,20 +74,19 @@ class GenerateArgs:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not s for s in self.stop):
             raise ValueError(f"stop={self.stop!r} contains an empty string")
+        self._constraint = None  # compiled once here; every row decodes with its own copy
         if self.json_schema:
-            self.constraint()  # a schema that is not JSON, or that the constraint cannot follow, fails here
+            try:
+                schema = json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is not JSON ({e}): {self.json_schema[:80]!r}") from None
+            if not isinstance(schema, dict):
+                raise ValueError(f"json_schema must be a JSON object (a schema), got {self.json_schema[:80]!r}")
+            self._constraint = JsonConstraint(schema)
 
     def constraint(self) -> JsonConstraint | None:
         """A fresh JsonConstraint for one row, or None without json_schema."""
-        if not self.json_schema:
-            return None
-        try:
-            schema = json.loads(self.json_schema)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"json_schema is not JSON ({e}): {self.json_schema[:80]!r}") from None
-        if not isinstance(schema, dict):
-            raise ValueError(f"json_schema must be a JSON object (a schema), got {self.json_schema[:80]!r}")
-        return JsonConstraint(schema)
+        return None if self._constraint is None else self._constraint.copy()
 
 
 @dataclass
