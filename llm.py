@@ -551,9 +551,10 @@ class LLM:
                 time.sleep(delay)
 
     def _local(self, kind: str, payload, params: dict) -> Completion:
-        """Generate with the local model. A chat with a json_schema runs twice: the reply up to its ```json fence
-        (the chain of thought), then, continuing that reply after the fence, the JSON under the schema (with its own
-        max_tokens budget); the text is both, closed by a fence, as an API model would write it."""
+        """Generate with the local model. A completion with a json_schema is decoded under it. A chat with one runs
+        twice: the reply up to its ```json fence (the chain of thought), then, continuing that reply after the fence,
+        the JSON under the schema (with its own max_tokens budget); the text is both, closed by a fence, as an API
+        model would write it."""
         from generate import GenerateArgs, Generator  # imported here so the API backend needs no torch
         with self._backend_lock:
             if self._backend is None:
@@ -563,7 +564,9 @@ class LLM:
                              frequency_penalty=params["frequency_penalty"], stop=tuple(params["stop"] or ()),
                              seed=params["seed"] or 0)
         schema = params.get("json_schema")
-        if schema is None or kind != "chat":
+        if schema is None or kind != "chat":  # a completion with a schema is the JSON alone
+            if schema is not None:
+                gargs = dataclasses.replace(gargs, json_schema=json.dumps(schema))
             r = self._submit(kind, payload, gargs)
             return Completion(text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
                               completion_tokens=r.completion_tokens)

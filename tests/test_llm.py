@@ -527,6 +527,10 @@ def test_local_chat_json_reasons_then_decodes_the_json_under_the_schema(tmp_path
         assert llm.chat_json(messages, schema, max_tokens=96) == got.data and llm.usage["cached"] == 1
         with pytest.raises(ValueError, match="local model only"):
             LLM(LLMArgs(backend="openai", cache=None)).chat(messages, json_schema=schema)
+        # a completion with a schema is the JSON alone, as generate decodes it
+        [ref] = tiny.generate(["BTC:"], generate.GenerateArgs(max_new_tokens=96, json_schema=json.dumps(schema)))
+        done = llm.complete("BTC:", max_tokens=96, json_schema=schema)
+        assert done.text == ref.text and json.loads(done.text)["move"] in ("up", "down")
         # a JSON that runs out of tokens fails at once: a repair by the same model would run out as well
         requests = llm.usage["requests"]
         with pytest.raises(LLMOutputError, match="did not end within max_tokens=3"):
