@@ -89,3 +89,28 @@ def test_no_torch_needed():
     # scrape/ and selfinstruct/ read JSONL through this module and must run without torch
     code = "import sys, jsonl, scrape.corpus, selfinstruct.seeds, selfinstruct.store; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_writers_round_trip_and_leave_no_temporary_file(tmp_path):
+    from jsonl import write_json, write_jsonl
+    records = [{"text": "raw \u2028 inside", "n": 1}, {"text": "ünïcode", "n": 2}]
+    assert write_jsonl(tmp_path / "a.jsonl", records) == tmp_path / "a.jsonl"
+    assert [r for _, r in read_jsonl(tmp_path / "a.jsonl")] == records
+    write_jsonl(tmp_path / "b.jsonl", records, ensure_ascii=True)
+    assert (tmp_path / "b.jsonl").read_bytes().isascii()
+    write_json(tmp_path / "c.json", {"k": [1, 2]})
+    assert json.loads((tmp_path / "c.json").read_text()) == {"k": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "c.json"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    from jsonl import write_jsonl
+
+    def records():
+        yield {"a": 1}
+        raise RuntimeError("crash mid-write")
+    path = write_jsonl(tmp_path / "a.jsonl", [{"old": True}])
+    with pytest.raises(RuntimeError):
+        write_jsonl(path, records())
+    assert [r for _, r in read_jsonl(path)] == [{"old": True}]
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
