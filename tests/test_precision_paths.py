@@ -1,11 +1,18 @@
 """The GPU precision paths, shown on the CPU: RMSNorm under fp16/bf16 autocast at LLaMA-7B's width, the entry
 points' `auto` passing through precision.py, the torch version check, --device auto warning when a GPU is expected
 but torch cannot use it, and FSDP validation on a split that does not divide over the ranks."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import RMSNorm
+import precision
+import train_ddp
+from lora import lora_modules
+from model import ModelArgs, RMSNorm, Transformer
+from tests.test_data import ByteTokenizer, toy_records, write_jsonl
+from train_ddp import TrainArgs
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +49,70 @@ def test_rmsnorm_under_autocast_at_dim_4096_matches_fp32(autocast, x_dtype):
     torch.testing.assert_close(norm.weight.grad.float(), wr.grad, atol=5e-2 * wr.grad.abs().max().item(), rtol=0)
     with torch.no_grad(), torch.autocast("cpu", autocast):  # the inference path too
         torch.testing.assert_close(norm(x).float(), ref.detach(), **tol)
+
+
+@pytest.mark.parametrize("decided, scaler", [(torch.float16, True), (torch.bfloat16, False), (torch.float32, False)])
+def test_setup_runtime_auto_takes_precision_decide(monkeypatch, decided, scaler):
+    """--precision auto is precision.decide's answer (faked here): fp16 brings its GradScaler, bf16/fp32 none."""
+    seen = []
+    monkeypatch.setattr(precision, "decide", lambda device: (seen.append(str(device)), (decided, "faked"))[1])
+    rt = train_ddp.setup_runtime("cpu", "auto")
+    assert seen == ["cpu"] and rt.dtype == decided and rt.scaler.is_enabled() == scaler
+    if decided == torch.float32:
+        assert isinstance(rt.autocast_ctx, nullcontext)
+    else:
+        assert rt.autocast_ctx.fast_dtype == decided
+    monkeypatch.setattr(precision, "decide", lambda device: pytest.fail("an explicit precision must not ask"))
+    assert train_ddp.setup_runtime("cpu", "fp32").dtype == torch.float32  # an explicit flag wins
+
+
+def test_fp16_training_keeps_fp32_adapters_when_auto_picks_fp16(tmp_path, monkeypatch):
+    """The V100 answer (fp16) through `auto`: frozen base in fp16, adapters and AdamW state in fp32, loss scaled."""
+    monkeypatch.setattr(precision, "decide", lambda device: (torch.float16, "faked V100"))
+    write_jsonl(tmp_path / "data.jsonl", toy_records(16))
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=259, max_seq_len=256))
+    train_ddp.train(TrainArgs(data=str(tmp_path / "data.jsonl"), out=str(tmp_path / "run"), max_steps=2,
+                              max_len=128, val_fraction=0.0, save_every=0, device="cpu"), model,
+                    ByteTokenizer(chat=True))
+    assert model.layers[0].attention.wq.base.weight.dtype == torch.float16
+    assert all(m.lora_A.dtype == m.lora_B.dtype == torch.float32 for m in lora_modules(model).values())
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_old_torch_stops_at_startup_with_the_fix():
+    train_ddp.check_torch("2.13.0+cpu")
+    train_ddp.check_torch("2.7.1+cu126")
+    with pytest.raises(RuntimeError, match=r"torch 2.5.1\+cu121 is older than 2.7.*make setup TORCH="):
+        train_ddp.check_torch("2.5.1+cu121")
+
+
+def test_ddp_gets_the_buffer_flag_this_torch_knows(monkeypatch):
+    """forward_sync_buffers exists only in recent torch; older ones get broadcast_buffers (same meaning here)."""
+    got = {}
+
+    class FakeOldDDP:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            got.update(broadcast_buffers=broadcast_buffers)
+
+        _set_params_and_buffers_to_ignore_for_model = staticmethod(lambda *a: None)
+
+    monkeypatch.setattr(train_ddp, "DDP", FakeOldDDP)
+    rt = train_ddp.Runtime(0, 2, torch.device("cpu"), True, torch.float32, nullcontext(), None)
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=259, max_seq_len=64))
+    train_ddp.wrap_model(model, TrainArgs(data="x"), rt)
+    assert got == {"broadcast_buffers": False}
+
+
+@pytest.mark.parametrize("cuda_build", [None, "12.6"])
+def test_device_auto_warns_when_a_gpu_is_there_but_torch_cannot_use_it(monkeypatch, capsys, cuda_build):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_ddp.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    assert train_ddp.pick_device("auto", 0) == torch.device("cpu")
+    err = capsys.readouterr().err
+    assert "WARNING: --device auto falls back to the CPU" in err and "make setup TORCH=" in err
+    assert ("is a CPU build" in err) == (cuda_build is None)
+    assert train_ddp.pick_device("cpu", 0) == torch.device("cpu") and not capsys.readouterr().err
+    monkeypatch.setattr(train_ddp.shutil, "which", lambda name: None)  # no NVIDIA driver: the CPU is expected
+    assert train_ddp.pick_device("auto", 0) == torch.device("cpu") and not capsys.readouterr().err
