@@ -367,8 +367,8 @@ class Transformer(nn.Module):
             if w is None or w.requires_grad:
                 return F.cross_entropy(self.output(hs).float(), labels[keep], reduction="sum"), keep.sum()
             need_grad, n = torch.is_grad_enabled() and hs.requires_grad, hs.shape[0]
-            pieces = -(-n // max(1, 2**23 // w.shape[0]))  # chunks of <= 32 MB of fp32 logits, of even size: a
-            chunk = max(1, -(-n // pieces))  # short last chunk would read the whole weight for a few rows
+            pieces = max(1, -(-n // max(1, 2**23 // w.shape[0])))  # chunks of <= 32 MB of fp32 logits, of even
+            chunk = max(1, -(-n // pieces))  # size: a short last chunk would read the whole weight for a few rows
             return ChunkedCrossEntropy.apply(hs, w, labels[keep], need_grad, chunk), keep.sum()
         if last_only:
             h = h[:, -1:]

@@ -1,17 +1,23 @@
 """The GPU precision paths, shown on the CPU: RMSNorm under fp16/bf16 autocast at LLaMA-7B's width, the entry
 points' `auto` passing through precision.py, the torch version check, --device auto warning when a GPU is expected
 but torch cannot use it, and FSDP validation on a split that does not divide over the ranks."""
+import json
 from contextlib import nullcontext
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import precision
 import train_ddp
+from data import encode_records, eval_batches, make_rows
 from lora import lora_modules
 from model import ModelArgs, RMSNorm, Transformer
 from tests.test_data import ByteTokenizer, toy_records, write_jsonl
+from tests.test_train_ddp import TINY
 from train_ddp import TrainArgs
 
 
@@ -116,3 +122,53 @@ def test_device_auto_warns_when_a_gpu_is_there_but_torch_cannot_use_it(monkeypat
     assert train_ddp.pick_device("cpu", 0) == torch.device("cpu") and not capsys.readouterr().err
     monkeypatch.setattr(train_ddp.shutil, "which", lambda name: None)  # no NVIDIA driver: the CPU is expected
     assert train_ddp.pick_device("auto", 0) == torch.device("cpu") and not capsys.readouterr().err
+
+
+def _val_rows(n):
+    examples, _ = encode_records(toy_records(n, seed=3), ByteTokenizer(chat=True), 128)
+    return make_rows(examples, 128, pack_rows=False)
+
+
+def _fsdp_eval_worker(rank, tmp):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # an unmatched collective fails instead of hanging
+    try:
+        rt = train_ddp.setup_runtime("cpu", "fp32")
+        args = TrainArgs(data="x", strategy="fsdp", lora_dropout=0.0)
+        torch.manual_seed(0)
+        raw = train_ddp.prepare_model(Transformer(ModelArgs(**TINY)), args.lora_args(), args, rt)
+        model = train_ddp.wrap_model(raw, args, rt)
+        got = [train_ddp.evaluate(model, eval_batches(_val_rows(n), 4, 2, rank, 0), rt) for n in (17, 1)]
+        if rank == 0:
+            (tmp / "fsdp_val.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_validation_on_a_split_that_does_not_divide_over_the_ranks(tmp_path):
+    """17 rows on 2 ranks at micro-batch 4 (3 batches against 2), and 1 row on 2 ranks: every rank runs the same
+    number of batches, and the loss is the one-process loss."""
+    mp.spawn(_fsdp_eval_worker, args=(tmp_path,), nprocs=2, join=True)
+    rt = train_ddp.setup_runtime("cpu", "fp32")
+    args = TrainArgs(data="x", lora_dropout=0.0)
+    torch.manual_seed(0)
+    model = train_ddp.prepare_model(Transformer(ModelArgs(**TINY)), args.lora_args(), args, rt)
+    one = [train_ddp.evaluate(model, eval_batches(_val_rows(n), 4, 1, 0, 0), rt) for n in (17, 1)]
+    assert json.loads((tmp_path / "fsdp_val.json").read_text()) == pytest.approx(one, rel=1e-5)
+
+
+def test_every_rank_gets_the_same_number_of_validation_batches():
+    rows = _val_rows(17)
+    for world, micro in ((2, 4), (4, 4), (3, 2), (20, 4)):
+        shares = [eval_batches(rows, micro, world, r, 0) for r in range(world)]
+        assert len({len(s) for s in shares}) == 1, (world, micro)
+        assert sum((b.labels != -100).sum().item() for s in shares for b in s) == \
+            sum(sum(x != -100 for e in row for x in e.labels) for row in rows)
+    model = Transformer(ModelArgs(**TINY))
+    filler = eval_batches(rows[:1], 4, 2, 1, 0)  # rank 1 has no row: one ignored token
+    assert len(filler) == 1 and filler[0].n_real == 0
+    with torch.no_grad():
+        loss, n = model(**filler[0].inputs("cpu"))
+    assert loss.item() == 0 and n.item() == 0
