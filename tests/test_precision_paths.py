@@ -172,3 +172,24 @@ def test_every_rank_gets_the_same_number_of_validation_batches():
     with torch.no_grad():
         loss, n = model(**filler[0].inputs("cpu"))
     assert loss.item() == 0 and n.item() == 0
+
+
+def test_generate_auto_dtype_takes_precision_decide(monkeypatch, capsys):
+    """Generator.from_checkpoint and the generate.py CLI default to auto, resolved by precision.decide (faked);
+    an explicit --dtype wins; None keeps the checkpoint's own dtype."""
+    import checkpoint
+    import generate
+    from tests.test_generate import ByteTokenizer as GenTokenizer
+
+    loaded = []
+    tiny = Transformer(ModelArgs(**TINY))
+    monkeypatch.setattr(checkpoint, "load_model", lambda path, dtype, device: (loaded.append(dtype), tiny)[1])
+    monkeypatch.setattr(checkpoint, "load_tokenizer", lambda path: GenTokenizer())
+    monkeypatch.setattr(precision, "decide", lambda device: (torch.bfloat16, "faked"))
+    generate.Generator.from_checkpoint()
+    generate.Generator.from_checkpoint(dtype="fp32")
+    generate.Generator.from_checkpoint(dtype=None)
+    generate.main(["--prompt", "hi", "--max-new-tokens", "1"])
+    generate.main(["--prompt", "hi", "--max-new-tokens", "1", "--dtype", "float16"])
+    assert loaded == [torch.bfloat16, torch.float32, None, torch.bfloat16, torch.float16]
+    capsys.readouterr()
