@@ -2,8 +2,12 @@
 points' `auto` passing through precision.py, the torch version check, --device auto warning when a GPU is expected
 but torch cannot use it, and FSDP validation on a split that does not divide over the ranks."""
 import json
+import re
+import shutil
+import subprocess
 from contextlib import nullcontext
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +197,34 @@ def test_generate_auto_dtype_takes_precision_decide(monkeypatch, capsys):
     generate.main(["--prompt", "hi", "--max-new-tokens", "1", "--dtype", "float16"])
     assert loaded == [torch.bfloat16, torch.float32, None, torch.bfloat16, torch.float16]
     capsys.readouterr()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_setup_reinstalls_torch_when_the_torch_spec_changes(tmp_path):
+    """A new TORCH spec over an existing .venv force-reinstalls torch (pip alone keeps the CPU build that is
+    there); the same spec again does nothing. A stub python records what make asks of pip."""
+    venv, log = tmp_path / "venv", tmp_path / "log"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    (venv / "bin" / "python").chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+
+    def setup(torch_spec):
+        log.write_text("")
+        subprocess.run(["make", "-s", "setup", f"VENV={venv}", "PYTHON=true", f"TORCH={torch_spec}"], cwd=root,
+                       check=True, capture_output=True, timeout=60)
+        return [line for line in log.read_text().splitlines() if "torch" in line and "pip" in line]
+
+    assert setup("torch==2.13.0")[0] == "-m pip install -q --force-reinstall --no-deps torch==2.13.0"
+    assert setup("torch==2.13.0") == []
+    cuda = "torch --index-url https://download.pytorch.org/whl/cu126"
+    assert setup(cuda) == [f"-m pip install -q --force-reinstall --no-deps {cuda}", f"-m pip install -q {cuda}"]
+    assert setup(cuda) == []
+
+
+def test_the_minimum_torch_is_pinned_where_torch_gets_installed():
+    root = Path(__file__).resolve().parents[1]
+    need = ".".join(map(str, train_ddp.MIN_TORCH))
+    assert f"torch>={need}" in (root / "requirements.txt").read_text()
+    base = re.search(r"FROM pytorch/pytorch:(\d+)\.(\d+)", (root / "Dockerfile").read_text())
+    assert (int(base[1]), int(base[2])) >= train_ddp.MIN_TORCH
