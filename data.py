@@ -255,6 +255,13 @@ class StepLoader:
 
 def eval_batches(rows: list[list[Example]], micro_batch: int, world_size: int, rank: int,
                  pad_id: int) -> list[Batch]:
-    """This rank's share of the validation rows in fixed, length-sorted batches (sums are reduced across ranks)."""
+    """This rank's share of the validation rows in fixed, length-sorted batches (sums are reduced across ranks).
+    Every rank gets the same number of batches: under FSDP each forward is a set of collectives, so a rank with one
+    batch fewer would leave its peers waiting forever. The shortfall is made up with one-token batches whose only
+    label is ignored: they add nothing to the loss sum or the token count, so the mean stays exact."""
     mine = sorted(rows[rank::world_size], key=lambda row: -sum(len(e.tokens) for e in row))
-    return [collate(mine[i:i + micro_batch], pad_id) for i in range(0, len(mine), micro_batch)]
+    batches = [collate(mine[i:i + micro_batch], pad_id) for i in range(0, len(mine), micro_batch)]
+    most = -(-(-(-len(rows) // world_size)) // micro_batch)  # the batches of the rank with the most rows
+    filler = Batch(torch.full((1, 1), pad_id, dtype=torch.long), torch.full((1, 1), IGNORE, dtype=torch.long),
+                   None, None, 0)
+    return batches + [filler] * (most - len(batches))

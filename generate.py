@@ -3,6 +3,7 @@ and frequency penalties; stop strings and stop tokens; output constrained to JSO
 ranking fixed answers by log-likelihood.
 
     python generate.py --prompt "Bitcoin is"                                   # the embedded SmolLM2, greedy
+    python generate.py --prompt "Bitcoin is" --dtype fp32                      # default auto: see precision.py
     python generate.py --prompt "What moved ETH today?" --chat --temperature 0.7 --top-p 0.9
     python generate.py --prompt "..." --checkpoint out/merged --adapter out/adapter --max-new-tokens 64
     python generate.py --prompt "Coins in: ETH fell 3%. As JSON." --chat --json-schema '{"type": "object"}'
@@ -35,6 +36,7 @@ import torch
 
 from cli import parse_args
 from constrain import JsonConstraint, response_format_schema
+from precision import CHOICES as PRECISIONS, choose_dtype
 
 # on_text(row, new_text, result): result is None until the row's last call, which passes its Result
 OnText = Callable[[int, str, "Result | None"], None]
@@ -390,11 +392,13 @@ class Generator:
         self.model, self.tokenizer = model.eval(), tokenizer
 
     @classmethod
-    def from_checkpoint(cls, checkpoint=None, adapter=None, dtype=None, device="cpu") -> Generator:
-        """Load a checkpoint (None = the embedded SmolLM2) and its tokenizer, with an optional LoRA adapter."""
+    def from_checkpoint(cls, checkpoint=None, adapter=None, dtype: str | torch.dtype | None = "auto",
+                        device="cpu") -> Generator:
+        """Load a checkpoint (None = the embedded SmolLM2) and its tokenizer, with an optional LoRA adapter.
+        dtype "auto" is precision.py's choice for the device; None keeps the checkpoint's own."""
         from checkpoint import load_model, load_tokenizer
 
-        model = load_model(checkpoint, dtype=dtype, device=device)
+        model = load_model(checkpoint, dtype=None if dtype is None else choose_dtype(dtype, device), device=device)
         if adapter is not None:
             from lora import load_adapter  # only adapters need lora.py
 
@@ -667,8 +671,9 @@ class CliArgs:
     checkpoint: str | None = field(default=None, metadata={"help": "model path (Meta, HF or GGUF); none = embedded"})
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder to apply"})
     chat: bool = field(default=False, metadata={"help": "wrap the prompt in the model's chat template"})
-    dtype: str = field(default="float32", metadata={"help": "weights dtype",
-                                                    "choices": ["float32", "bfloat16", "float16"]})
+    dtype: str = field(default="auto", metadata={"help": "weights dtype; auto: precision.py's choice for the device "
+                                                         "(bf16 where it is native, fp16 on V100, else fp32)",
+                                                 "choices": PRECISIONS})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (all cores)"})
 
@@ -683,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
     cargs, gargs = parse_args(argv, CliArgs, GenerateArgs, description=__doc__)
     if cargs.threads:
         torch.set_num_threads(cargs.threads)
-    gen = Generator.from_checkpoint(cargs.checkpoint, adapter=cargs.adapter, dtype=getattr(torch, cargs.dtype),
+    gen = Generator.from_checkpoint(cargs.checkpoint, adapter=cargs.adapter, dtype=cargs.dtype,
                                     device=cargs.device)
 
     def show(row: int, text: str, result: Result | None) -> None:

@@ -92,25 +92,30 @@ class RMSNorm(nn.Module):
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm for training: the values of RMSNorm.forward, and a backward of four passes over x where autograd
     through F.rms_norm chains pow, mean, rsqrt and several mul kernels. With xh = x r, r = 1 / rms(x), u = g weight:
-    dx = r (u - xh mean(u xh)), dweight = sum of g xh over the rows."""
+    dx = r (u - xh mean(u xh)), dweight = sum of g xh over the rows.
+    The sums run in fp32 with autocast off: autocast would run linalg.vecdot in fp16, whose sum of squares overflows
+    at dim 4096 once rms(x) > 4 (r becomes 0, and so does every output)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 math for bf16/fp16; fp64 stays (gradcheck)
-        r = torch.rsqrt(torch.linalg.vecdot(xf, xf).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)  # (..., 1)
-        ctx.save_for_backward(x, weight, r)
-        return (xf * r).type_as(x) * weight
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 math for bf16/fp16; fp64 stays (gradcheck)
+            r = torch.rsqrt(torch.linalg.vecdot(xf, xf).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)  # (..., 1)
+            ctx.save_for_backward(x, weight, r)
+            return (xf * r).type_as(x) * weight
 
     @staticmethod
     def backward(ctx, g):
         x, weight, r = ctx.saved_tensors
-        xf, grad_x, grad_w = x.to(torch.promote_types(x.dtype, torch.float32)), None, None
-        if ctx.needs_input_grad[0]:
-            u = (g * weight).to(xf.dtype)
-            c = torch.linalg.vecdot(u, xf).unsqueeze(-1).mul_(r * r / x.shape[-1])  # r^2 mean(u x)
-            grad_x = torch.addcmul(u, xf, c, value=-1).mul_(r).type_as(x)
-        if ctx.needs_input_grad[1]:
-            grad_w = (g * (xf * r).type_as(x)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            xf, grad_x, grad_w = x.to(torch.promote_types(x.dtype, torch.float32)), None, None
+            gf = g.to(xf.dtype)  # a loss-scaled fp16 gradient times the weight, summed over rows, can overflow fp16
+            if ctx.needs_input_grad[0]:
+                u = gf * weight.to(xf.dtype)
+                c = torch.linalg.vecdot(u, xf).unsqueeze(-1).mul_(r * r / x.shape[-1])  # r^2 mean(u x)
+                grad_x = torch.addcmul(u, xf, c, value=-1).mul_(r).type_as(x)
+            if ctx.needs_input_grad[1]:
+                grad_w = (gf * (xf * r).type_as(x)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_w, None
 
 
@@ -362,8 +367,8 @@ class Transformer(nn.Module):
             if w is None or w.requires_grad:
                 return F.cross_entropy(self.output(hs).float(), labels[keep], reduction="sum"), keep.sum()
             need_grad, n = torch.is_grad_enabled() and hs.requires_grad, hs.shape[0]
-            pieces = -(-n // max(1, 2**23 // w.shape[0]))  # chunks of <= 32 MB of fp32 logits, of even size: a
-            chunk = max(1, -(-n // pieces))  # short last chunk would read the whole weight for a few rows
+            pieces = max(1, -(-n // max(1, 2**23 // w.shape[0])))  # chunks of <= 32 MB of fp32 logits, of even
+            chunk = max(1, -(-n // pieces))  # size: a short last chunk would read the whole weight for a few rows
             return ChunkedCrossEntropy.apply(hs, w, labels[keep], need_grad, chunk), keep.sum()
         if last_only:
             h = h[:, -1:]

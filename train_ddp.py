@@ -8,17 +8,20 @@
 
 --out receives adapter/ (native), peft/ (loads with peft.PeftModel.from_pretrained on the HF base), metrics.jsonl,
 loss.png, args.json and checkpoints/step_NNNNNNN/ (adapter + optimizer + scaler + data position + RNG).
-Precision (DESIGN.md): `auto` is fp16 on V100 (frozen base in fp16, adapters and AdamW state in fp32, autocast,
-GradScaler), bf16 on newer GPUs, fp32 on CPU. The loss of a step is the sum of its token losses over the global
+Precision (DESIGN.md, precision.py): `auto` is fp16 on V100 (frozen base in fp16, adapters and AdamW state in fp32,
+autocast, GradScaler), bf16 on newer GPUs and on CPUs with native bf16 (AMX, AVX512_BF16), fp32 on other CPUs. The loss of a step is the sum of its token losses over the global
 number of target tokens, so any split over micro-steps and ranks gives the same update.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -34,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import StepLoader, encode_records, eval_batches, load_records, make_rows, split_validation
 from lora import LoraArgs, apply_lora, export_peft, load_adapter, save_adapter
 from model import Transformer, TransformerBlock
+from precision import choose_dtype
 
 
 @dataclass
@@ -52,7 +56,8 @@ class TrainArgs:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 = no clipping"})
     seed: int = field(default=0, metadata={"help": "seed for LoRA init, data order and split"})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        default="auto", metadata={"help": "auto: fp16 on V100, bf16 on newer GPUs, fp32 on CPU"})
+        default="auto", metadata={"help": "auto: fp16 on V100, bf16 on newer GPUs and on CPUs with native bf16, "
+                                         "else fp32 (precision.py)"})
     device: str = field(default="auto", metadata={"help": "auto: cuda:LOCAL_RANK when CUDA is there, else cpu"})
     strategy: Literal["ddp", "fsdp"] = field(default="ddp", metadata={"help": "fsdp shards the frozen base"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
@@ -101,24 +106,58 @@ class Runtime:
     scaler: torch.amp.GradScaler
 
 
+MIN_TORCH = (2, 7)  # FSDP2's fully_shard(ignored_params=...) and SDPA's enable_gqa
+
+
+def check_torch(version: str | None = None) -> None:
+    """Stop at startup, with the fix, on a torch older than MIN_TORCH (instead of a TypeError deep in wrap_model)."""
+    version = version or torch.__version__
+    found = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if found < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise RuntimeError(f"torch {version} is older than {need}, which train_ddp.py needs (FSDP2 fully_shard with "
+                           f"ignored_params); install a newer one: make setup TORCH=\"torch>={need} --index-url "
+                           f"https://download.pytorch.org/whl/cu126\" (V100 needs cu126), or pip install 'torch>={need}'")
+
+
+def cuda_expected() -> str | None:
+    """Why this machine looks like it has an NVIDIA GPU that torch cannot use (None when nothing is amiss)."""
+    if torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+        return None
+    if torch.version.cuda is None:
+        return f"nvidia-smi is here but torch {torch.__version__} is a CPU build"
+    return f"nvidia-smi is here but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable GPU " \
+           f"(a driver older than that CUDA, or CUDA_VISIBLE_DEVICES hides it)"
+
+
+def pick_device(device: str, local_rank: int) -> torch.device:
+    """--device auto: cuda:LOCAL_RANK when CUDA works, else the CPU, saying so loudly where a GPU was expected."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    why = cuda_expected()
+    if why:
+        print(f"WARNING: --device auto falls back to the CPU: {why}. Training there is orders of magnitude slower. "
+              f"Reinstall torch for your CUDA, e.g. make setup TORCH=\"torch --index-url "
+              f"https://download.pytorch.org/whl/cu126\", or pass --device cpu to silence this.", file=sys.stderr)
+    return torch.device("cpu")
+
+
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """The one place with device-specific code: process group, device, precision, autocast and loss scaler.
-    Under torchrun (WORLD_SIZE > 1) joins the group (NCCL on CUDA, gloo on CPU) unless it is already set up."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    Under torchrun (WORLD_SIZE > 1) joins the group (NCCL on CUDA, gloo on CPU) unless it is already set up.
+    precision auto is precision.decide's: fp16 (+ GradScaler, adapters stay fp32) on compute capability 7.x, bf16
+    on 8.0+ and on CPUs with native bf16, fp32 on other CPUs."""
+    check_torch()
+    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", 0)))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if precision == "auto":
-        # V100 (compute capability 7.0) has no bf16: fp16 with a loss scaler is the fast path there
-        precision = ("bf16" if torch.cuda.get_device_capability(dev)[0] >= 8 else "fp16") if dev.type == "cuda" \
-            else "fp32"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = choose_dtype(precision, dev)
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(dev.type, dtype=dtype)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     return Runtime(rank, world, dev, rank == 0, dtype, autocast, scaler)
@@ -158,10 +197,13 @@ def wrap_model(model: Transformer, targs: TrainArgs, rt: Runtime) -> nn.Module:
             fully_shard(layer, mesh=mesh, ignored_params=lora)
         return fully_shard(model, mesh=mesh, ignored_params=lora)
     # the frozen base is identical on every rank: skip broadcasting it and reducing anything but the adapters;
-    # no buffer syncing either (forward_sync_buffers=False is what torch 2.13 calls broadcast_buffers=False)
+    # no buffer syncing either (torch 2.13 renamed broadcast_buffers=False to forward_sync_buffers=False and
+    # deprecated the old name; older versions know only the old one)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     DDP._set_params_and_buffers_to_ignore_for_model(model, frozen + [n for n, _ in model.named_buffers()])
-    return DDP(model, device_ids=[rt.device] if rt.device.type == "cuda" else None, forward_sync_buffers=False)
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
+    return DDP(model, device_ids=[rt.device] if rt.device.type == "cuda" else None, **{sync: False})
 
 
 def get_lr(step: int, targs: TrainArgs, total_steps: int) -> float:
