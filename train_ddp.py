@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import StepLoader, encode_records, eval_batches, load_records, make_rows, split_validation
 from jsonl import read_jsonl, write_json, write_jsonl
 from lora import LoraArgs, apply_lora, export_peft, load_adapter, save_adapter
-from model import Transformer, TransformerBlock
+from memory_plan import Plan, Setup, device_bytes, plan, sdpa_kernel
+from model import ModelArgs, Transformer, TransformerBlock
 
 
 @dataclass
@@ -75,6 +76,7 @@ class TrainArgs:
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
     overwrite: bool = field(default=False, metadata={"help": "delete the run already in --out and start again"})
+    dry_run: bool = field(default=False, metadata={"help": "print the memory plan and exit (loads no weights)"})
 
     def __post_init__(self):
         for name in ("micro_batch_size", "grad_accum", "max_len", "keep_checkpoints"):
@@ -418,6 +420,37 @@ class Run:
     metrics: object  # metrics.jsonl opened for appending (rank 0), else None
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def base_model_args(path: str | None) -> ModelArgs:
+    """The ModelArgs of a checkpoint from its config alone (params.json, config.json, GGUF metadata): no weights."""
+    from checkpoint import (args_from_gguf, args_from_hf_config, args_from_params, detect_format,  # lazy: heavy
+                            embedded_model_path, read_gguf)
+
+    p = Path(path) if path else embedded_model_path()
+    fmt = detect_format(p)
+    if fmt == "meta":
+        return args_from_params(p / "params.json")
+    if fmt == "hf":
+        return args_from_hf_config(json.loads((p / "config.json").read_text()), p / "config.json")
+    return args_from_gguf(read_gguf(p))
+
+
+def memory_plan(targs: TrainArgs, margs: ModelArgs, rt: Runtime, base: str | None = None) -> Plan:
+    """The per-rank memory plan of this run's flags (the frozen base kind from the loaded weights when known)."""
+    precision = DTYPE_NAMES[rt.dtype]
+    return plan(Setup(margs, targs.lora_args(), targs.micro_batch_size, targs.max_len, precision, base or precision,
+                      rt.world_size, targs.strategy, targs.activation_checkpointing, targs.pack,
+                      sdpa_kernel(rt.device, rt.dtype, margs, masked=targs.pack)))
+
+
+def print_plan(p: Plan, rt: Runtime) -> None:
+    if rt.is_main:
+        total, name = device_bytes(rt.device)
+        print("\n".join(p.lines(total, name)), flush=True)
+
+
 def load_base(targs: TrainArgs, rt: Runtime, model: Transformer | None, tokenizer) -> tuple[Transformer, object]:
     """The model and tokenizer of --checkpoint unless given, checked against --max-len."""
     if model is None or tokenizer is None:
@@ -431,7 +464,10 @@ def load_base(targs: TrainArgs, rt: Runtime, model: Transformer | None, tokenize
 
 
 def start_run(targs: TrainArgs, rt: Runtime, model: Transformer, tokenizer) -> Run:
-    """LoRA on the model, optimizer, data, the resumed state if --resume, the wrapper, and the outputs."""
+    """The memory plan (printed), LoRA on the model, optimizer, data, the resumed state if --resume, the wrapper,
+    and the outputs."""
+    mem = memory_plan(targs, model.args, rt, DTYPE_NAMES.get(next(model.parameters()).dtype))
+    print_plan(mem, rt)
     out, largs = Path(targs.out), targs.lora_args()
     raw = prepare_model(model, largs, targs, rt)
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -441,7 +477,8 @@ def start_run(targs: TrainArgs, rt: Runtime, model: Transformer, tokenizer) -> R
     torch.manual_seed(targs.seed + 1 + rt.rank)  # dropout differs across ranks, the LoRA init (above) does not
     step = load_checkpoint(out, raw, optimizer, loader, rt) if targs.resume else 0
     model = wrap_model(raw, targs, rt)
-    metrics = start_outputs(out, step, targs, largs, raw, counts) if rt.is_main else None
+    metrics = start_outputs(out, step, targs, largs, raw, {**counts, "memory_plan": mem.as_dict()}) \
+        if rt.is_main else None
     return Run(raw, model, largs, params, optimizer, loader, val_batches, total, step, out, metrics)
 
 
@@ -492,6 +529,9 @@ def train(targs: TrainArgs, model: Transformer | None = None, tokenizer=None) ->
 
     rt = setup_runtime(targs.device, targs.precision)
     load_records(targs.data)  # names the file, line and field of a bad record, before minutes of model loading
+    if targs.dry_run:  # the plan from the config alone: no weights loaded, nothing written
+        print_plan(memory_plan(targs, model.args if model else base_model_args(targs.checkpoint), rt), rt)
+        return Path(targs.out)
     check_out(Path(targs.out), targs, rt)  # also before the model loads
     run = start_run(targs, rt, *load_base(targs, rt, model, tokenizer))
     stop = {"signal": False}
@@ -537,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
 
     (targs,) = parse_args(argv, TrainArgs, description=__doc__)
     path = train(targs)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not targs.dry_run:
         if path.name.startswith("step_"):
             print(f"stopped by SIGTERM; checkpoint {path}; continue with the same flags plus --resume")
         else:
