@@ -3,13 +3,17 @@
     python train_ddp.py --data ../shared/data/selfinstruct/seed_tasks.jsonl --out out/run --max-steps 30
     torchrun --standalone --nproc_per_node=2 train_ddp.py --data out/selfinstruct/train.jsonl --out out/run
     torchrun --nnodes=2 --node-rank=0 --master-addr=HOST --nproc_per_node=4 train_ddp.py --strategy fsdp ...
-    python train_ddp.py --data ... --out out/run --resume        # continue from the newest checkpoint in out/run
+    python train_ddp.py --data ... --out out/run --resume        # continue from the newest intact checkpoint
+    python train_ddp.py --data ... --out out/run --overwrite     # delete the run in out/run and start again
     make train NPROC=2 ARGS="--data out/selfinstruct/train.jsonl --out out/run"
 
 --out receives adapter/ (native), peft/ (loads with peft.PeftModel.from_pretrained on the HF base), metrics.jsonl,
-loss.png, args.json and checkpoints/step_NNNNNNN/ (adapter + optimizer + scaler + data position + RNG).
+loss.png, args.json and checkpoints/step_NNNNNNN/ (adapter + optimizer + scaler + data position + RNG). A run never
+destroys another: an --out that holds one is refused without --resume or --overwrite, pruning keeps the highest
+steps, and --resume skips a damaged newest checkpoint (renamed step_N.damaged) and a torn last metrics line.
 Precision (DESIGN.md, precision.py): `auto` is fp16 on V100 (frozen base in fp16, adapters and AdamW state in fp32,
-autocast, GradScaler), bf16 on newer GPUs and on CPUs with native bf16 (AMX, AVX512_BF16), fp32 on other CPUs. The loss of a step is the sum of its token losses over the global
+autocast, GradScaler), bf16 on newer GPUs and on CPUs with native bf16 (AMX, AVX512_BF16), fp32 on other CPUs. The
+loss of a step is the sum of its token losses over the global
 number of target tokens, so any split over micro-steps and ranks gives the same update.
 """
 from __future__ import annotations
@@ -35,8 +39,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import StepLoader, encode_records, eval_batches, load_records, make_rows, split_validation
+from jsonl import read_jsonl, write_json, write_jsonl
 from lora import LoraArgs, apply_lora, export_peft, load_adapter, save_adapter
-from model import Transformer, TransformerBlock
+from memory_plan import Plan, Setup, device_bytes, plan, sdpa_kernel
+from model import ModelArgs, Transformer, TransformerBlock
 from precision import choose_dtype
 
 
@@ -74,6 +80,8 @@ class TrainArgs:
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps; 0 = never"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the run already in --out and start again"})
+    dry_run: bool = field(default=False, metadata={"help": "print the memory plan and exit (loads no weights)"})
 
     def __post_init__(self):
         for name in ("micro_batch_size", "grad_accum", "max_len", "keep_checkpoints"):
@@ -260,7 +268,29 @@ def evaluate(model: nn.Module, batches, rt: Runtime) -> float | None:
 
 
 def checkpoints(out: Path) -> list[Path]:
-    return sorted(p for p in (out / "checkpoints").glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    """The checkpoint folders in out, oldest first by step number (a name sort breaks past step_9999999)."""
+    found = [p for p in (out / "checkpoints").glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def check_out(out: Path, targs: TrainArgs, rt: Runtime) -> None:
+    """Refuse to start a new run over an old one: --resume continues it, --overwrite deletes it first."""
+    used = [p for p in (out / "checkpoints", out / "adapter" / "adapter.safetensors")
+            if p.exists() and (p.is_file() or any(p.iterdir()))]
+    if targs.resume and targs.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pass one of them")
+    if not used or targs.resume:
+        return
+    if not targs.overwrite:
+        raise FileExistsError(f"--out {out} holds a run ({used[0]}); pass --resume to continue it or --overwrite "
+                              f"to delete it and start again (or choose another --out)")
+    if rt.world_size > 1:
+        dist.barrier()  # every rank has looked at the folder before rank 0 empties it
+    if rt.is_main:
+        for name in ("checkpoints", "adapter", "peft", "metrics.jsonl", "loss.png"):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        print(f"--overwrite: deleted the previous run in {out}", file=sys.stderr)
 
 
 def save_checkpoint(out: Path, step: int, model: Transformer, largs: LoraArgs, optimizer, loader: StepLoader,
@@ -282,21 +312,77 @@ def save_checkpoint(out: Path, step: int, model: Transformer, largs: LoraArgs, o
                     "loader": loader.state_dict(), "rng": rngs}, tmp / "train_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
+        prune_checkpoints(out, keep, final)
     if rt.world_size > 1:
         dist.barrier()
     return final
 
 
-def load_checkpoint(out: Path, model: Transformer, optimizer, loader: StepLoader, rt: Runtime) -> int:
-    """Restore the newest checkpoint in out; returns its step."""
+def prune_checkpoints(out: Path, keep: int, newest: Path) -> None:
+    """Delete all but the `keep` highest steps, never `newest` (the one just written)."""
+    others = [p for p in checkpoints(out) if p != newest]
+    for old in others[:max(0, len(others) + 1 - keep)]:
+        shutil.rmtree(old)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """train_state.pt of a checkpoint, after checking that each of its files is whole (a crash or a full disk can
+    leave a truncated one); raises ValueError naming the file."""
+    readers = {"adapter_config.json": lambda f: json.loads(f.read_text()), "adapter.safetensors": safe_open_all,
+               "train_state.pt": lambda f: torch.load(f, map_location="cpu", weights_only=True)}
+    for name, read in readers.items():
+        if not (path / name).is_file():
+            raise ValueError(f"{path / name} is missing")
+        try:
+            state = read(path / name)
+        except Exception as e:  # noqa: BLE001 - torch, safetensors and json each raise their own kind for a torn file
+            raise ValueError(f"{path / name} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
+                from None
+    missing = {"step", "optimizer", "scaler", "loader", "rng"} - set(state)
+    if missing:
+        raise ValueError(f"{path / 'train_state.pt'} lacks {sorted(missing)}")
+    return state
+
+
+def safe_open_all(path: Path) -> None:
+    """Read every tensor of a safetensors file (a truncated file fails here, not halfway through loading)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            f.get_tensor(key)
+
+
+def newest_intact_checkpoint(out: Path, rt: Runtime) -> tuple[Path, dict]:
+    """The newest checkpoint whose files are whole, and its train state. Damaged newer ones are renamed
+    step_N.damaged (kept for a look, out of the way of pruning and of the next resume), saying so."""
     found = checkpoints(out)
     if not found:
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; run without --resume to start")
-    path = found[-1]
+    damaged: list[tuple[Path, str]] = []
+    for path in reversed(found):
+        try:
+            state = read_checkpoint(path)
+        except ValueError as e:
+            damaged.append((path, str(e)))
+            continue
+        if damaged:
+            if rt.world_size > 1:
+                dist.barrier()  # every rank has read its checkpoint before rank 0 moves the damaged ones
+            if rt.is_main:
+                for bad, _ in damaged:
+                    os.replace(bad, bad.with_name(bad.name + ".damaged"))
+                print(f"--resume: {'; '.join(why for _, why in damaged)}; resuming from the previous intact "
+                      f"checkpoint {path} (the damaged one is kept as *.damaged)", file=sys.stderr)
+        return path, state
+    raise ValueError(f"--resume: every checkpoint in {out / 'checkpoints'} is damaged "
+                     f"({'; '.join(why for _, why in damaged)}); start again with --overwrite")
+
+
+def load_checkpoint(out: Path, model: Transformer, optimizer, loader: StepLoader, rt: Runtime) -> int:
+    """Restore the newest intact checkpoint in out; returns its step."""
+    path, state = newest_intact_checkpoint(out, rt)
     load_adapter(model, path)  # checks that the checkpoint belongs to this base model and these LoRA flags
-    state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
     if len(state["rng"]) != rt.world_size:
         raise ValueError(f"--resume: {path} was written by {len(state['rng'])} ranks, this run has "
                          f"{rt.world_size}; resume with the same number of processes")
@@ -311,24 +397,25 @@ def load_checkpoint(out: Path, model: Transformer, optimizer, loader: StepLoader
 
 def start_outputs(out: Path, start_step: int, targs: TrainArgs, largs: LoraArgs, model: Transformer, counts: dict):
     """Write args.json; open metrics.jsonl for appending, without records past start_step (left by a run that
-    died after its last checkpoint)."""
+    died after its last checkpoint) and without a torn last line (a crash mid-write)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps({"train": asdict(targs), "lora": asdict(largs),
-                                               "model": asdict(model.args), "data": counts}, indent=2) + "\n")
+    write_json(out / "args.json", {"train": asdict(targs), "lora": asdict(largs), "model": asdict(model.args),
+                                   "data": counts})
     path = out / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start_step))
+    kept = [rec for _, rec in read_jsonl(path, drop_torn_tail=True) if rec.get("step", 0) <= start_step] \
+        if path.exists() else []
+    write_jsonl(path, kept)
     return path.open("a")
 
 
 def plot_losses(out: Path) -> Path:
     """loss.png: training and validation loss per step, from metrics.jsonl."""
-    import matplotlib
+    import matplotlib  # lazy: only the end of a run draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [rec for _, rec in read_jsonl(out / "metrics.jsonl")]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in ("loss", "val_loss"):
         pts = [(r["step"], r[key]) for r in recs if key in r]
@@ -359,19 +446,70 @@ def load_data(targs: TrainArgs, tokenizer, rt: Runtime) -> tuple[StepLoader, lis
     return loader, val, counts
 
 
-def train(targs: TrainArgs, model: Transformer | None = None, tokenizer=None) -> Path:
-    """Fine-tune (the model and tokenizer of --checkpoint unless given). Returns the output folder when done, or the
-    checkpoint written when SIGTERM stopped the run."""
-    from tqdm import tqdm
+@dataclass
+class Run:
+    """What the loop works on: the bare model (saved) and the wrapped one (trained), and where it stands."""
+    raw: Transformer
+    model: nn.Module
+    largs: LoraArgs
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    loader: StepLoader
+    val_batches: list
+    total: int
+    step: int
+    out: Path
+    metrics: object  # metrics.jsonl opened for appending (rank 0), else None
 
-    rt = setup_runtime(targs.device, targs.precision)
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def base_model_args(path: str | None) -> ModelArgs:
+    """The ModelArgs of a checkpoint from its config alone (params.json, config.json, GGUF metadata): no weights."""
+    from checkpoint import (args_from_gguf, args_from_hf_config, args_from_params, detect_format,  # lazy: heavy
+                            embedded_model_path, read_gguf)
+
+    p = Path(path) if path else embedded_model_path()
+    fmt = detect_format(p)
+    if fmt == "meta":
+        return args_from_params(p / "params.json")
+    if fmt == "hf":
+        return args_from_hf_config(json.loads((p / "config.json").read_text()), p / "config.json")
+    return args_from_gguf(read_gguf(p))
+
+
+def memory_plan(targs: TrainArgs, margs: ModelArgs, rt: Runtime, base: str | None = None) -> Plan:
+    """The per-rank memory plan of this run's flags (the frozen base kind from the loaded weights when known)."""
+    precision = DTYPE_NAMES[rt.dtype]
+    return plan(Setup(margs, targs.lora_args(), targs.micro_batch_size, targs.max_len, precision, base or precision,
+                      rt.world_size, targs.strategy, targs.activation_checkpointing, targs.pack,
+                      sdpa_kernel(rt.device, rt.dtype, margs, masked=targs.pack)))
+
+
+def print_plan(p: Plan, rt: Runtime) -> None:
+    if rt.is_main:
+        total, name = device_bytes(rt.device)
+        print("\n".join(p.lines(total, name)), flush=True)
+
+
+def load_base(targs: TrainArgs, rt: Runtime, model: Transformer | None, tokenizer) -> tuple[Transformer, object]:
+    """The model and tokenizer of --checkpoint unless given, checked against --max-len."""
     if model is None or tokenizer is None:
-        from checkpoint import load_model, load_tokenizer
+        from checkpoint import load_model, load_tokenizer  # lazy: tests and benches pass their own model
 
         model = load_model(targs.checkpoint, dtype=rt.dtype, device=str(rt.device))
         tokenizer = load_tokenizer(targs.checkpoint)
     if targs.max_len > model.args.max_seq_len:
         raise ValueError(f"--max-len={targs.max_len} exceeds the model's max_seq_len={model.args.max_seq_len}")
+    return model, tokenizer
+
+
+def start_run(targs: TrainArgs, rt: Runtime, model: Transformer, tokenizer) -> Run:
+    """The memory plan (printed), LoRA on the model, optimizer, data, the resumed state if --resume, the wrapper,
+    and the outputs."""
+    mem = memory_plan(targs, model.args, rt, DTYPE_NAMES.get(next(model.parameters()).dtype))
+    print_plan(mem, rt)
     out, largs = Path(targs.out), targs.lora_args()
     raw = prepare_model(model, largs, targs, rt)
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -381,65 +519,99 @@ def train(targs: TrainArgs, model: Transformer | None = None, tokenizer=None) ->
     torch.manual_seed(targs.seed + 1 + rt.rank)  # dropout differs across ranks, the LoRA init (above) does not
     step = load_checkpoint(out, raw, optimizer, loader, rt) if targs.resume else 0
     model = wrap_model(raw, targs, rt)
-    metrics = start_outputs(out, step, targs, largs, raw, counts) if rt.is_main else None
+    metrics = start_outputs(out, step, targs, largs, raw, {**counts, "memory_plan": mem.as_dict()}) \
+        if rt.is_main else None
+    return Run(raw, model, largs, params, optimizer, loader, val_batches, total, step, out, metrics)
+
+
+def forward_backward(model: nn.Module, batches: list, n_target: float, rt: Runtime) -> float:
+    """Accumulate the gradients of one step's micro-batches; returns this rank's summed token loss."""
+    loss_sum = torch.zeros((), device=rt.device)
+    for k, batch in enumerate(batches):
+        # DDP all-reduces on the last micro-step only. Scaling by world / n_target makes DDP's average over
+        # ranks the gradient of (sum of token losses) / (target tokens of the whole step)
+        skip_sync = isinstance(model, DDP) and k < len(batches) - 1
+        with model.no_sync() if skip_sync else nullcontext():
+            with rt.autocast_ctx:
+                loss, _ = model(**batch.inputs(rt.device))
+            rt.scaler.scale(loss * (rt.world_size / n_target)).backward()
+        loss_sum += loss.detach()
+    return loss_sum.item()
+
+
+def log_step(run: Run, record: dict, targs: TrainArgs, rt: Runtime, bar) -> None:
+    """Validation loss when due, then the record in metrics.jsonl and on the progress bar."""
+    if run.step == run.total or (targs.eval_every and run.step % targs.eval_every == 0):
+        val_loss = evaluate(run.model, run.val_batches, rt)
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+    if run.metrics:
+        run.metrics.write(json.dumps(record) + "\n")  # record and newline in one write: a crash tears one line
+        run.metrics.flush()
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tok_s']:.0f}",
+                    refresh=False)
+    bar.update(1)
+
+
+def finish(run: Run, targs: TrainArgs, rt: Runtime) -> Path:
+    """The final adapter, its peft copy and loss.png (rank 0); all ranks leave together."""
+    if rt.is_main:
+        save_adapter(run.raw, run.largs, run.raw.args, run.out / "adapter")
+        export_peft(run.raw, run.out / "peft", base_model_name=targs.checkpoint or "")
+        plot_losses(run.out)
+    if rt.world_size > 1:  # ranks leave together: the outputs exist, and no rank tears gloo down under a busy peer
+        dist.barrier()
+    return run.out
+
+
+def train(targs: TrainArgs, model: Transformer | None = None, tokenizer=None) -> Path:
+    """Fine-tune (the model and tokenizer of --checkpoint unless given). Returns the output folder when done, or the
+    checkpoint written when SIGTERM stopped the run."""
+    from tqdm import tqdm  # lazy: only a run draws a progress bar
+
+    rt = setup_runtime(targs.device, targs.precision)
+    load_records(targs.data)  # names the file, line and field of a bad record, before minutes of model loading
+    if targs.dry_run:  # the plan from the config alone: no weights loaded, nothing written
+        print_plan(memory_plan(targs, model.args if model else base_model_args(targs.checkpoint), rt), rt)
+        return Path(targs.out)
+    check_out(Path(targs.out), targs, rt)  # also before the model loads
+    run = start_run(targs, rt, *load_base(targs, rt, model, tokenizer))
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     G = targs.micro_batch_size * targs.grad_accum * rt.world_size
-    bar = tqdm(total=total, initial=step, disable=not rt.is_main, dynamic_ncols=True,
+    bar = tqdm(total=run.total, initial=run.step, disable=not rt.is_main, dynamic_ncols=True,
                desc=f"train (global batch {G} = {targs.micro_batch_size}x{targs.grad_accum}x{rt.world_size})")
     try:
-        while step < total:
+        while run.step < run.total:
             t0 = time.perf_counter()
-            batches = loader.next()
+            batches = run.loader.next()
             n_target, n_real = all_reduce([sum((b.labels != -100).sum().item() for b in batches),
                                            sum(b.n_real for b in batches)], rt)
-            lr = get_lr(step, targs, total)
-            for group in optimizer.param_groups:
+            lr = get_lr(run.step, targs, run.total)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=rt.device)
-            for k, batch in enumerate(batches):
-                # DDP all-reduces on the last micro-step only. Scaling by world / n_target makes DDP's average over
-                # ranks the gradient of (sum of token losses) / (target tokens of the whole step)
-                skip_sync = isinstance(model, DDP) and k < len(batches) - 1
-                with model.no_sync() if skip_sync else nullcontext():
-                    with rt.autocast_ctx:
-                        loss, _ = model(**batch.inputs(rt.device))
-                    rt.scaler.scale(loss * (rt.world_size / n_target)).backward()
-                loss_sum += loss.detach()
-            loss_sum, stop_votes = all_reduce([loss_sum.item(), float(stop["signal"])], rt)
+            loss_sum = forward_backward(run.model, batches, n_target, rt)
+            loss_sum, stop_votes = all_reduce([loss_sum, float(stop["signal"])], rt)
             loss = loss_sum / n_target
             if not math.isfinite(loss):
-                raise FloatingPointError(f"step {step + 1}: loss is {loss}; lower --lr, check the data, or use "
+                raise FloatingPointError(f"step {run.step + 1}: loss is {loss}; lower --lr, check the data, or use "
                                          f"--precision bf16/fp32 (pure fp16 overflows)")
-            grad_norm, skipped = optimizer_step(params, optimizer, rt, targs)
-            step += 1
-            record = {"step": step, "epoch": loader.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "skipped": skipped, "tokens": int(n_real), "tok_s": n_real / (time.perf_counter() - t0)}
-            if step == total or (targs.eval_every and step % targs.eval_every == 0):
-                val_loss = evaluate(model, val_batches, rt)
-                if val_loss is not None:
-                    record["val_loss"] = val_loss
-            if metrics:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tok_s']:.0f}", refresh=False)
-            bar.update(1)
-            if stop_votes:  # every rank sees the same sum, so all of them stop after this step
-                return save_checkpoint(out, step, raw, largs, optimizer, loader, rt, targs.keep_checkpoints)
-            if targs.save_every and step % targs.save_every == 0:
-                save_checkpoint(out, step, raw, largs, optimizer, loader, rt, targs.keep_checkpoints)
+            grad_norm, skipped = optimizer_step(run.params, run.optimizer, rt, targs)
+            run.step += 1
+            log_step(run, {"step": run.step, "epoch": run.loader.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "skipped": skipped, "tokens": int(n_real), "tok_s": n_real / (time.perf_counter() - t0)},
+                     targs, rt, bar)
+            if stop_votes or (targs.save_every and run.step % targs.save_every == 0):
+                path = save_checkpoint(run.out, run.step, run.raw, run.largs, run.optimizer, run.loader, rt,
+                                       targs.keep_checkpoints)
+                if stop_votes:  # every rank sees the same sum, so all of them stop after this step
+                    return path
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
-        if metrics:
-            metrics.close()
-    if rt.is_main:
-        save_adapter(raw, largs, raw.args, out / "adapter")
-        export_peft(raw, out / "peft", base_model_name=targs.checkpoint or "")
-        plot_losses(out)
-    if rt.world_size > 1:  # ranks leave together: the outputs exist, and no rank tears gloo down under a busy peer
-        dist.barrier()
-    return out
+        if run.metrics:
+            run.metrics.close()
+    return finish(run, targs, rt)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -447,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
 
     (targs,) = parse_args(argv, TrainArgs, description=__doc__)
     path = train(targs)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not targs.dry_run:
         if path.name.startswith("step_"):
             print(f"stopped by SIGTERM; checkpoint {path}; continue with the same flags plus --resume")
         else:
