@@ -1,0 +1,197 @@
+"""quant.py: NF4 codes and dequantized weights equal bitsandbytes' and the QLoRA construction bit for bit, int8
+equals a plain absmax reference, the quantized linear's forward and backward equal autograd on the dequantized
+weight, LoRA trains, saves and merges on a quantized base, and the embedded model quantized stays close to fp32."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quant
+from lora import LoraArgs, apply_lora, export_peft, lora_modules, merge_lora, save_adapter
+from model import ModelArgs, Transformer
+from quant import NF4_CODE, QuantEmbedding, QuantLinear, dequantize_model, quantize_model, weight_bytes
+
+TINY = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=259, max_seq_len=64)
+
+
+def tiny(seed=0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(**{**TINY, **kw}))
+
+
+def weights(rows=96, cols=256, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[3] = 0.0  # an all-zero row (and blocks): no division by zero
+    w[5, 7] = 0.5  # an outlier: its block's other weights round towards zero
+    return w
+
+
+# ------------------------------------------------------------------------------------------------- NF4 codes
+def test_nf4_code_is_the_qlora_construction():
+    # QLoRA (Dettmers et al. 2023, eq. 4 and appendix E): quantiles of N(0, 1) at 8 evenly spaced probabilities from
+    # offset down to 0.5 (exclusive) for the positive half and 7 for the negative, an exact zero, all divided by the
+    # largest. Rounded as the published code table was made: probabilities in fp32, quantiles in fp64, then fp32
+    offset = 0.9677083
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
+    values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).float().sort().values
+    assert torch.equal(values / values.abs().max(), NF4_CODE)
+
+
+def _nf4_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes (n,), absmax (n / 64,), dequantized) by the paper's recipe: nearest code by distance."""
+    blocks = w.float().reshape(-1, 64)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]
+    codes = (scaled[..., None] - NF4_CODE).abs().argmin(dim=-1).reshape(-1)
+    return codes, absmax, (NF4_CODE[codes].reshape(-1, 64) * absmax[:, None]).reshape(w.shape)
+
+
+def test_nf4_matches_an_independent_reference():
+    w = weights()
+    packed, absmax = quant.quantize_nf4(w)
+    codes, ref_absmax, ref_w = _nf4_reference(w)
+    assert torch.equal(packed.reshape(-1), (codes[0::2] << 4 | codes[1::2]).to(torch.uint8))
+    assert torch.equal(absmax.reshape(-1), ref_absmax)
+    assert torch.equal(quant.dequantize_nf4(packed, absmax, w.shape[1], torch.float32), ref_w)
+
+
+def test_nf4_equals_bitsandbytes_bit_for_bit():
+    bnb_f = pytest.importorskip("bitsandbytes.functional", reason="pip install bitsandbytes (tests only)")
+    assert torch.equal(bnb_f.get_4bit_type("nf4", device="cpu").float(), NF4_CODE)
+    w = weights()
+    theirs, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    packed, absmax = quant.quantize_nf4(w)
+    assert torch.equal(packed.reshape(-1), theirs.reshape(-1))
+    assert torch.equal(absmax.reshape(-1), state.absmax)
+    # their dequantization of our bytes and scales equals ours
+    state.absmax = absmax.reshape(-1).clone()
+    ours = quant.dequantize_nf4(packed, absmax, w.shape[1], torch.float32)
+    assert torch.equal(bnb_f.dequantize_4bit(packed.reshape(-1, 1), state), ours)
+
+
+def test_nf4_pads_a_short_last_block():
+    w = weights(cols=100)
+    packed, absmax = quant.quantize_nf4(w)
+    assert packed.shape == (96, 64) and absmax.shape == (96, 2)
+    _, _, ref = _nf4_reference(F.pad(w, (0, 28)))
+    assert torch.equal(quant.dequantize_nf4(packed, absmax, 100, torch.float32), ref[:, :100])
+
+
+def test_int8_matches_a_plain_reference():
+    w = weights()
+    q, absmax = quant.quantize_int8(w)
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    ref = torch.round(w / torch.where(scale > 0, scale, 1.0)).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(q, ref) and torch.equal(absmax, w.abs().amax(dim=1))
+    assert torch.equal(quant.dequantize_int8(q, absmax, torch.float32), ref.float() * scale)
+    assert (quant.dequantize_int8(q, absmax, torch.float32) - w).abs().max() <= scale.max() / 2 + 1e-7
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_weight_bytes_are_the_buffers_bytes(kind):
+    codes, scales, _ = quant.quantize(weights(cols=200), kind)
+    assert weight_bytes((96, 200), kind) == sum(t.numel() * t.element_size() for t in (codes, scales))
+    assert weight_bytes((96, 200), "none", torch.float32) == 96 * 200 * 4
+
+
+def test_unknown_kind_names_the_choices():
+    with pytest.raises(ValueError, match="int8, nf4"):
+        quantize_model(tiny(), "int4")
+
+
+# ------------------------------------------------------------------------------------------------- modules
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_forward_backward_equal_autograd_on_the_dequantized_weight(kind, dtype):
+    layer = QuantLinear(*quant.quantize(weights(), kind), dtype)
+    w = layer.dequantize()
+    assert w.dtype == dtype and not list(layer.parameters())
+    x = torch.randn(3, 5, 256, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    g = torch.randn(3, 5, 96, dtype=dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    y.backward(g)
+    F.linear(x_ref, w).backward(g)
+    assert torch.equal(y, F.linear(x_ref, w)) and torch.equal(x.grad, x_ref.grad)
+    assert not any(t.is_floating_point() and t.numel() >= w.numel() for t in saved)  # no full-precision W kept
+
+
+def test_to_dtype_changes_the_compute_dtype_not_the_scales():
+    w = weights()
+    layer = QuantLinear(*quant.quantize(w, "nf4"), torch.float32)
+    before = layer.dequantize()
+    layer.to(torch.bfloat16)
+    assert layer.codes.dtype == torch.uint8 and layer.weight.dtype == torch.bfloat16
+    assert torch.equal(layer.dequantize(torch.float32), before)
+
+
+def test_quant_embedding_rows_equal_the_dequantized_table():
+    for kind in ("int8", "nf4"):
+        emb = QuantEmbedding(*quant.quantize(weights(), kind), torch.float32)
+        tokens = torch.tensor([[0, 5, 3], [95, 5, 1]])
+        assert torch.equal(emb(tokens), F.embedding(tokens, emb.weight))
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantize_model_keeps_ties_and_only_quantized_buffers(kind):
+    model = quantize_model(tiny(tie_embeddings=True), kind)
+    assert isinstance(model.tok_embeddings, QuantEmbedding) and model.output.codes is model.tok_embeddings.codes
+    assert all(isinstance(getattr(layer.attention, n), QuantLinear) for layer in model.layers for n in ("wq", "wo"))
+    assert {n for n, _ in model.named_parameters()} == {"norm.weight"} | {
+        f"layers.{i}.{n}.weight" for i in range(2) for n in ("attention_norm", "ffn_norm")}
+    model.setup_cache(1, 8)  # reads tok_embeddings.weight for the cache's dtype and device
+    assert model.layers[0].attention.cache.k.dtype == torch.float32
+
+
+def test_quantized_logits_stay_close_and_dequantize_model_reproduces_them():
+    ref = tiny()
+    tokens = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(1))
+    want = ref(tokens)
+    for kind, tol in (("int8", 0.02), ("nf4", 0.2)):
+        model = quantize_model(copy.deepcopy(ref), kind)
+        got = model(tokens)
+        assert (got - want).abs().max() < tol * want.abs().max(), kind
+        assert torch.allclose(dequantize_model(model)(tokens), got, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- LoRA
+ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+
+def _loss(model, tokens):
+    loss, n = model(tokens[:, :-1], labels=tokens[:, 1:])
+    return loss / n
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_lora_on_a_quantized_base_has_the_gradients_of_lora_on_its_dequantized_base(kind, tmp_path):
+    tokens = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(2))
+    q = quantize_model(tiny(), kind)
+    plain = dequantize_model(copy.deepcopy(q))
+    for m in (q, plain):
+        torch.manual_seed(3)
+        apply_lora(m, LoraArgs(r=4, targets=ALL, dropout=0.0))
+        for lora in lora_modules(m).values():
+            torch.nn.init.normal_(lora.lora_B, std=0.02)
+    torch.manual_seed(3)
+    _loss(q, tokens).backward()
+    _loss(plain, tokens).backward()
+    for (name, a), b in zip(lora_modules(q).items(), lora_modules(plain).values()):
+        assert torch.allclose(a.lora_A.grad, b.lora_A.grad, atol=1e-6, rtol=1e-4), name
+        assert torch.allclose(a.lora_B.grad, b.lora_B.grad, atol=1e-6, rtol=1e-4), name
+    # saved and exported like any adapter; merged into the dequantized base it gives the same logits
+    save_adapter(q, LoraArgs(r=4, targets=ALL), q.args, tmp_path / "adapter")
+    export_peft(q, tmp_path / "peft")
+    with torch.no_grad():
+        want = q(tokens)
+        with pytest.raises(TypeError, match="dequantize_model"):
+            merge_lora(q)
+        for m in lora_modules(q).values():
+            m.merged = False  # the failed merge marked none merged; only the first raised
+        got = merge_lora(dequantize_model(q))(tokens)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)
