@@ -49,6 +49,7 @@ from starlette.exceptions import HTTPException
 from cli import parse_args
 from constrain import JsonConstraint
 from generate import GenerateArgs, Generator, Result, RunningBatch
+from quant import KINDS
 
 log = logging.getLogger("serve")
 # OpenAI parameters this server does not implement: asking for them is an error rather than silently ignored
@@ -68,6 +69,8 @@ class ServeArgs:
     dtype: str = field(default="float32", metadata={"help": "weights dtype",
                                                     "choices": ["float32", "bfloat16", "float16"]})
     device: str = field(default="cpu", metadata={"help": "where the model runs: cpu, cuda, cuda:1, ..."})
+    base_quant: str = field(default="none", metadata={"help": "keep the base weights int8 or nf4 (quant.py)",
+                                                      "choices": list(KINDS)})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (all cores)"})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "longest prompt accepted, in tokens"})
     max_tokens: int = field(default=512, metadata={"help": "most tokens one request may generate"})
@@ -104,7 +107,8 @@ def with_adapter(base: Generator, adapter_dir) -> Generator:
 
 def load_generators(sargs: ServeArgs) -> dict[str, Generator]:
     """{model name: Generator} for the base checkpoint and each adapter."""
-    base = Generator.from_checkpoint(sargs.checkpoint, dtype=getattr(torch, sargs.dtype), device=sargs.device)
+    base = Generator.from_checkpoint(sargs.checkpoint, dtype=getattr(torch, sargs.dtype), device=sargs.device,
+                                     base_quant=sargs.base_quant)
     if sargs.checkpoint is None:
         from checkpoint import embedded_model_path
 

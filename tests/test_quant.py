@@ -195,3 +195,14 @@ def test_lora_on_a_quantized_base_has_the_gradients_of_lora_on_its_dequantized_b
             m.merged = False  # the failed merge marked none merged; only the first raised
         got = merge_lora(dequantize_model(q))(tokens)
     assert torch.allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_kind_of_and_frozen_bytes_match_a_quantized_model():
+    assert quant.kind_of("layers.3.feed_forward.w2.weight", "nf4") == "nf4"
+    assert quant.kind_of("output.weight", "nf4") == quant.kind_of("tok_embeddings.weight", "nf4") == "int8"
+    for tie in (False, True):
+        for kind in quant.KINDS:
+            model = quantize_model(tiny(tie_embeddings=tie), kind)
+            tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith("rope")]
+            held = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors if t.numel()}.values())
+            assert quant.frozen_bytes(model.args, kind, torch.float32) == held, (tie, kind)
