@@ -2,15 +2,21 @@
 equals a plain absmax reference, the quantized linear's forward and backward equal autograd on the dequantized
 weight, LoRA trains, saves and merges on a quantized base, and the embedded model quantized stays close to fp32."""
 import copy
+import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import quant
-from lora import LoraArgs, apply_lora, export_peft, lora_modules, merge_lora, save_adapter
+from lora import LoraArgs, apply_lora, export_peft, load_adapter, lora_modules, merge_lora, save_adapter
 from model import ModelArgs, Transformer
 from quant import NF4_CODE, QuantEmbedding, QuantLinear, dequantize_model, quantize_model, weight_bytes
+from tests.test_data import ByteTokenizer
+from tests.test_train_ddp import adapter, data, losses, max_diff, targs, tiny_model  # noqa: F401 (data: a fixture)
+from train_ddp import train
 
 TINY = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=259, max_seq_len=64)
 
@@ -206,3 +212,39 @@ def test_kind_of_and_frozen_bytes_match_a_quantized_model():
             tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith("rope")]
             held = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors if t.numel()}.values())
             assert quant.frozen_bytes(model.args, kind, torch.float32) == held, (tie, kind)
+
+
+# ------------------------------------------------------------------------------------------------- training
+def _train_quant_worker(rank, tmp, kind):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
+    try:
+        for strategy in ("ddp", "fsdp"):
+            train(targs(tmp, f"{strategy}_{kind}", micro_batch_size=2, base_quant=kind, strategy=strategy),
+                  tiny_model(), ByteTokenizer(chat=True))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["nf4"])
+def test_ddp_and_fsdp_on_a_quantized_base_equal_one_process(data, kind):
+    # the quantized weights are buffers: neither wrapper broadcasts, shards or reduces them
+    mp.spawn(_train_quant_worker, args=(data, kind), nprocs=2, join=True)
+    single = train(targs(data, f"one_{kind}", micro_batch_size=4, base_quant=kind), tiny_model(),
+                   ByteTokenizer(chat=True))
+    for strategy in ("ddp", "fsdp"):
+        assert max_diff(adapter(data / f"{strategy}_{kind}"), adapter(single)) < 1e-5, strategy
+        assert losses(data / f"{strategy}_{kind}") == pytest.approx(losses(single), rel=1e-5)
+
+
+def test_train_on_a_quantized_base_saves_an_adapter_that_merges(data):
+    out = train(targs(data, "nf4", base_quant="nf4", max_steps=20), tiny_model(), ByteTokenizer(chat=True))
+    assert all(math.isfinite(v) for v in losses(out)) and losses(out)[-1] < losses(out)[0]
+    model = quantize_model(tiny_model(), "nf4")
+    load_adapter(model, out / "adapter")
+    tokens = torch.randint(0, 259, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(tokens)
+        assert torch.allclose(merge_lora(dequantize_model(model))(tokens), want, atol=1e-4, rtol=0)
+    assert (out / "peft" / "adapter_model.safetensors").is_file()
