@@ -59,11 +59,11 @@ qa: setup
 
 # base vs fine-tuned (ARGS="--adapter DIR"), closed-book vs retrieval, on labelled news -> $(OUT)/eval
 evaluate: setup
-	$(PY) evaluate.py news --out $(OUT)/eval $(ARGS)
+	$(PY) -m evaluate news --out $(OUT)/eval $(ARGS)
 
 # financial sentiment: convert TFNS -> LoRA train -> score on TFNS valid and FPB -> $(OUT)/sentiment
 sentiment: setup
-	$(PY) evaluate.py sentiment-pipeline --out $(OUT)/sentiment $(ARGS)
+	$(PY) -m evaluate sentiment-pipeline --out $(OUT)/sentiment $(ARGS)
 
 # OpenAI-compatible HTTP server on 127.0.0.1:8000
 serve: setup

@@ -11,22 +11,23 @@ An adapter folder holds `adapter.safetensors` (keys `layers.0.attention.wq.lora_
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from checkpoint import embedded_model_path, load_model, permute_to_hf, save_model
+from checkpoint.files import read_json
+from checkpoint.names import HF_NAMES  # our linear names -> HF module paths (the one table)
+from cli import parse_args
+from jsonl import atomic_write, write_json
 from model import Linear, ModelArgs, Transformer
 
-# our linear names -> their HF LlamaForCausalLM module paths (relative to the decoder layer, or the top for output)
-HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-            "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj", "output": "lm_head"}
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
 
 
@@ -170,23 +171,14 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, largs: LoraArgs, margs: ModelArgs, out_dir: str | Path) -> Path:
     """Write adapter.safetensors + adapter_config.json into out_dir (each file atomically); return out_dir."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = lora_state_dict(model)
     if not state:
         raise ValueError("model has no LoRA adapters to save; call apply_lora first")
-    save_file(state, out / (ADAPTER_FILE + ".tmp"))
-    os.replace(out / (ADAPTER_FILE + ".tmp"), out / ADAPTER_FILE)
-    _write_json(out / CONFIG_FILE, {"lora": asdict(largs), "model": asdict(margs)})
+    atomic_write(out / ADAPTER_FILE, lambda p: save_file(state, p))
+    write_json(out / CONFIG_FILE, {"lora": asdict(largs), "model": asdict(margs)})
     return out
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _architecture(m: ModelArgs) -> dict:
@@ -199,7 +191,7 @@ def read_adapter_config(adapter_dir: str | Path, margs: ModelArgs) -> LoraArgs:
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {adapter_dir}; pass the folder that save_adapter wrote")
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path)
     # the effective architecture, not every field: a checkpoint saved as HF states hidden_dim that Meta derives
     theirs, ours = _architecture(ModelArgs(**cfg["model"])), _architecture(margs)
     diff = {k: (v, ours[k]) for k, v in theirs.items() if ours[k] != v}
@@ -212,8 +204,6 @@ def read_adapter_config(adapter_dir: str | Path, margs: ModelArgs) -> LoraArgs:
 
 def load_adapter(model: Transformer, adapter_dir: str | Path) -> LoraArgs:
     """Put the adapter in adapter_dir on model (applying LoRA first unless already applied); return its LoraArgs."""
-    from safetensors.torch import load_file
-
     largs = read_adapter_config(adapter_dir, model.args)
     modules = lora_modules(model)
     if not modules:
@@ -271,10 +261,6 @@ def strip_lora(model: Transformer) -> Transformer:
 
 def export_peft(model: Transformer, out_dir: str | Path, base_model_name: str = "") -> Path:
     """Write adapter_config.json + adapter_model.safetensors that peft loads on the HF form of the same base."""
-    from safetensors.torch import save_file
-
-    from checkpoint import permute_to_hf
-
     modules = lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRA adapters to export; call apply_lora first")
@@ -302,9 +288,8 @@ def export_peft(model: Transformer, out_dir: str | Path, base_model_name: str = 
               "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, out / "adapter_model.safetensors.tmp", metadata={"format": "pt"})
-    os.replace(out / "adapter_model.safetensors.tmp", out / "adapter_model.safetensors")
-    _write_json(out / "adapter_config.json", config)
+    atomic_write(out / "adapter_model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    write_json(out / "adapter_config.json", config)
     return out
 
 
@@ -318,8 +303,6 @@ class MergeArgs:
 
 def merge(margs: MergeArgs) -> Path:
     """Base checkpoint + adapter -> a merged checkpoint in margs.out; returns its path."""
-    from checkpoint import embedded_model_path, load_model, save_model
-
     model = load_model(margs.checkpoint)  # in the checkpoint's own dtype; the update is computed in fp32
     load_adapter(model, margs.adapter)
     return save_model(strip_lora(model), margs.out, format=margs.format,
@@ -327,8 +310,6 @@ def merge(margs: MergeArgs) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cli import parse_args
-
     margs, _ = parse_args(argv, MergeArgs, description=__doc__, positional=[("command", {"choices": ["merge"]})])
     print(f"merged checkpoint written to {merge(margs)}")
 

