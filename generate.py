@@ -37,6 +37,7 @@ import torch
 from cli import parse_args
 from constrain import JsonConstraint, response_format_schema
 from precision import CHOICES as PRECISIONS, choose_dtype
+from quant import KINDS
 
 # on_text(row, new_text, result): result is None until the row's last call, which passes its Result
 OnText = Callable[[int, str, "Result | None"], None]
@@ -393,12 +394,15 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, checkpoint=None, adapter=None, dtype: str | torch.dtype | None = "auto",
-                        device="cpu") -> Generator:
+                        device="cpu", base_quant="none") -> Generator:
         """Load a checkpoint (None = the embedded SmolLM2) and its tokenizer, with an optional LoRA adapter.
-        dtype "auto" is precision.py's choice for the device; None keeps the checkpoint's own."""
+        dtype "auto" is precision.py's choice for the device; None keeps the checkpoint's own; base_quant int8 / nf4
+        keeps the base weights quantized (quant.py)."""
         from checkpoint import load_model, load_tokenizer
+        from quant import quantize_model
 
-        model = load_model(checkpoint, dtype=None if dtype is None else choose_dtype(dtype, device), device=device)
+        dtype = None if dtype is None else choose_dtype(dtype, device)
+        model = quantize_model(load_model(checkpoint, dtype=dtype, device=device), base_quant)
         if adapter is not None:
             from lora import load_adapter  # only adapters need lora.py
 
@@ -675,6 +679,8 @@ class CliArgs:
                                                          "(bf16 where it is native, fp16 on V100, else fp32)",
                                                  "choices": PRECISIONS})
     device: str = field(default="cpu", metadata={"help": "torch device"})
+    base_quant: str = field(default="none", metadata={"help": "keep the base weights int8 or nf4 (quant.py)",
+                                                      "choices": list(KINDS)})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (all cores)"})
 
     def __post_init__(self):
@@ -689,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     if cargs.threads:
         torch.set_num_threads(cargs.threads)
     gen = Generator.from_checkpoint(cargs.checkpoint, adapter=cargs.adapter, dtype=cargs.dtype,
-                                    device=cargs.device)
+                                    device=cargs.device, base_quant=cargs.base_quant)
 
     def show(row: int, text: str, result: Result | None) -> None:
         print(text, end="", flush=True)

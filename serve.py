@@ -59,6 +59,7 @@ from starlette.exceptions import HTTPException
 from cli import parse_args
 from generate import GenerateArgs, Generator, Result, RunningBatch
 from precision import CHOICES, choose_dtype
+from quant import KINDS
 
 log = logging.getLogger("serve")
 # OpenAI parameters this server does not implement: asking for them is an error rather than silently ignored
@@ -78,6 +79,8 @@ class ServeArgs:
     dtype: str = field(default="auto", metadata={"help": "weights dtype; auto = precision.py's choice for the device "
                                                          "(bf16 or fp16 on CUDA)", "choices": CHOICES})
     device: str = field(default="cpu", metadata={"help": "where the model runs: cpu, cuda, cuda:1, ..."})
+    base_quant: str = field(default="none", metadata={"help": "keep the base weights int8 or nf4 (quant.py)",
+                                                      "choices": list(KINDS)})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (all cores)"})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "longest prompt accepted, in tokens"})
     max_tokens: int = field(default=512, metadata={"help": "most tokens one request may generate"})
@@ -122,7 +125,7 @@ def with_adapter(base: Generator, adapter_dir) -> Generator:
 def load_generators(sargs: ServeArgs) -> dict[str, Generator]:
     """{model name: Generator} for the base checkpoint and each adapter."""
     base = Generator.from_checkpoint(sargs.checkpoint, dtype=choose_dtype(sargs.dtype, sargs.device),
-                                     device=sargs.device)
+                                     device=sargs.device, base_quant=sargs.base_quant)
     if sargs.checkpoint is None:
         from checkpoint import embedded_model_path
 

@@ -44,6 +44,7 @@ from lora import LoraArgs, apply_lora, export_peft, load_adapter, save_adapter
 from memory_plan import Plan, Setup, device_bytes, plan, sdpa_kernel
 from model import ModelArgs, Transformer, TransformerBlock
 from precision import choose_dtype
+from quant import KINDS, quantize_model
 
 
 @dataclass
@@ -67,6 +68,8 @@ class TrainArgs:
     device: str = field(default="auto", metadata={"help": "auto: cuda:LOCAL_RANK when CUDA is there, else cpu"})
     strategy: Literal["ddp", "fsdp"] = field(default="ddp", metadata={"help": "fsdp shards the frozen base"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
+    base_quant: Literal[KINDS] = field(default="none", metadata={
+        "help": "frozen base weights kept int8 or nf4 (QLoRA), dequantized in each linear (quant.py)"})
     lora_targets: tuple[str, ...] = field(default=LoraArgs.targets, metadata={"help": "linears to adapt"})
     lora_r: int = field(default=LoraArgs.r, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=LoraArgs.alpha, metadata={"help": "LoRA alpha (scale = alpha / r)"})
@@ -173,7 +176,7 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
 
 def prepare_model(model: Transformer, largs: LoraArgs, targs: TrainArgs, rt: Runtime) -> Transformer:
     """Frozen base in the compute dtype on the device, fp32 adapters with the same init on every rank."""
-    model.to(device=rt.device, dtype=rt.dtype)
+    quantize_model(model.to(device=rt.device, dtype=rt.dtype), targs.base_quant)  # no-op if loaded quantized
     model.reset_rope(rt.device)  # .to(dtype) also cast the rotary tables; keep them fp32
     torch.manual_seed(targs.seed)
     apply_lora(model, largs)
