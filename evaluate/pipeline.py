@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli import parse_args
+from evaluate.calibrate import apply_offsets, fit_offsets, logprob_matrix, out_of_fold
 from evaluate.loaders import LABELS, SHIPPED_SYSTEMS, load_labelled, load_sentiment
-from evaluate.metrics import summary
+from evaluate.metrics import sentiment_metrics, summary
 from evaluate.report import HUMAN, sentiment_report
 from evaluate.sentiment import clean_text, load_generator, pick_shots, predict_local, save_eval, score_predictions, \
     to_alpaca
@@ -82,6 +83,9 @@ class PipelineArgs:
     shots: int = field(default=3, metadata={"help": "examples in the few-shot baseline's prompt"})
     limit: int = field(default=0, metadata={"help": "use only N training rows and N rows of each test set (a "
                                                     "quick run); 0 = all"})
+    calibrate_on: str = field(default="crypto", metadata={
+        "help": "a dev set among --tests whose label prior our LoRA's scores are calibrated to (log-prior offsets "
+                "chosen on it, scored out-of-fold; evaluate/calibrate.py); empty = none"})
     baseline_rows: int = field(default=400, metadata={
         "help": "the untuned base model scores a seeded sample of this many rows of each test set and skips dev "
                 "(its figures sit below the majority class; +-0.03 shows the same); 0 = every row"})
@@ -199,6 +203,22 @@ def _rows_for(args: PipelineArgs, how, set_name: str, rows: list[dict]) -> list[
     return random.Random(args.seed).sample(rows, n) if n < len(rows) else rows
 
 
+def calibrate(out: Path, lora_folder: Path, set_name: str, folds: int = 5) -> dict:
+    """Fit label-prior offsets to our LoRA's scores on one dev set (out/calibration_<set>.json) and return the
+    metrics of its out-of-fold predictions (each fold under offsets fitted on the others)."""
+    records = [json.loads(line) for line in (lora_folder / set_name / "predictions.jsonl").open()]
+    logprobs, labels = logprob_matrix(records), [r["label"] for r in records]
+    offsets, oof = fit_offsets(logprobs, labels), out_of_fold(logprobs, labels, folds)
+    metrics = sentiment_metrics(labels, oof)
+    in_sample = sentiment_metrics(labels, apply_offsets(logprobs, offsets))["f1_weighted"]
+    write_json(out / f"calibration_{set_name}.json", {
+        "offsets": offsets, "set": set_name, "rows": len(labels), "f1_weighted_in_sample": in_sample,
+        "f1_weighted_out_of_fold": metrics["f1_weighted"], "folds": folds,
+        "note": "log-prior offsets added to the LoRA's label log-probs (neutral = 0), chosen on this dev set"})
+    metrics.update(offsets=offsets, f1_weighted_in_sample=in_sample, folds=folds)
+    return metrics
+
+
 def run_pipeline(args: PipelineArgs) -> dict:
     """convert -> baselines -> LoRA train -> score it -> results.md + sentiment.png; every system is scored on dev
     and each test set. Finished stages are kept, so a rerun resumes. Returns {system: {set: metrics summary}}."""
@@ -237,7 +257,14 @@ def run_pipeline(args: PipelineArgs) -> dict:
             metrics.update(seconds=round(time.perf_counter() - t0, 1), system=system, set=set_name)
             save_eval(folder, metrics, records)
             results.setdefault(system, {})[set_name] = metrics
-    order = [name for name, _ in systems[1:-1]] + [systems[0][0], systems[-1][0]]
+    # table order: the baselines, our LoRA (then calibrated to a dev set's prior), the human agreement
+    order = [name for name, _ in systems[1:-1]] + [systems[0][0]]
+    lora = out / "eval" / "our_lora_zero_shot"
+    if args.calibrate_on in sets and (lora / args.calibrate_on / "metrics.json").is_file():
+        prior = f"our LoRA + {args.calibrate_on} label prior (fitted on {args.calibrate_on}, out-of-fold)"
+        results[prior] = {args.calibrate_on: calibrate(out, lora, args.calibrate_on)}
+        order.append(prior)
+    order.append(systems[-1][0])
     results = {name: results[name] for name in order if name in results}
     sentiment_report(out, results, list(sets))
     return {system: {s: summary(m) for s, m in by_set.items()} for system, by_set in results.items()}

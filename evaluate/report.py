@@ -45,13 +45,21 @@ def sentiment_report(out: Path, results: dict, set_names: list[str]) -> None:
     agreement = [f"Inter-annotator agreement on {s}: {m['accuracy']:.3f} (how often one annotator's label equals "
                  f"the majority's, over {m['n']} (headline, annotator) pairs): the human ceiling for the rows above."
                  for system, by_set in results.items() if system.startswith(HUMAN) for s, m in by_set.items()]
-    if agreement:
-        lines += ["", *agreement]
+    calibrated = [f"Label prior for {s}: offsets {_offsets(m['offsets'])} added to the LoRA's label log-probs, "
+                  f"chosen on {s} (weighted F1 {m['f1_weighted_in_sample']:.3f} in sample, {m['f1_weighted']:.3f} "
+                  f"out-of-fold over {m['folds']} folds, the row above; calibration_{s}.json)."
+                  for by_set in results.values() for s, m in by_set.items() if "offsets" in m]
+    if agreement or calibrated:
+        lines += ["", *agreement, *calibrated]
     lines += ["", "Published (weighted F1, FinGPT v3 README, as published, not re-measured; their FPB split differs "
               "and they train on FPB):", "", "| model | TFNS F1-w | FPB F1-w |", "|---|---|---|"]
     lines += [f"| {name} | {tfns:.3f} | {fpb:.3f} |" for name, tfns, fpb in PUBLISHED]
     atomic_write(out / "results.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
     _save(sentiment_plot(results, set_names), out / "sentiment.png")
+
+
+def _offsets(offsets: dict) -> str:
+    return ", ".join(f"{label} {value:+.2f}" for label, value in offsets.items() if value) or "none"
 
 
 def sentiment_plot(results: dict, set_names: list[str]) -> Figure:

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data import format_prompt
+from evaluate.calibrate import apply_offsets, logprob_matrix, read_offsets
 from evaluate.loaders import LABEL_ALIASES, LABELS, load_sentiment
 from evaluate.metrics import sentiment_metrics
 from generate import Generator
@@ -147,8 +148,13 @@ class SentimentArgs:
                                                                   "llm.py instead (OPENAI_API_KEY, OPENAI_BASE_URL)"})
     base_url: str | None = field(default=None, metadata={"help": "API base URL for --api-model"})
     seed: int = field(default=0, metadata={"help": "seed for choosing the shots"})
+    offsets: str | None = field(default=None, metadata={
+        "help": "calibration JSON (make sentiment's calibration_<set>.json): label-prior offsets added to a local "
+                "model's label log-probs before choosing"})
 
     def __post_init__(self):
+        if self.offsets and self.api_model:
+            raise ValueError("--offsets shifts a local model's label log-probs; an --api-model answers in words")
         if self.shots < 0 or self.limit < 0:
             raise ValueError(f"shots={self.shots} and limit={self.limit} must be >= 0")
         if self.shots and not self.shots_data:
@@ -171,10 +177,13 @@ def run_sentiment(args: SentimentArgs, gen=None) -> dict:
     else:
         gen = gen or load_generator(args.checkpoint, args.adapter, args.dtype)
         preds = predict_local(gen, [r["text"] for r in rows], shots)
+        if args.offsets:
+            labels = apply_offsets(logprob_matrix(preds), read_offsets(args.offsets))
+            preds = [{**p, "pred": label} for p, label in zip(preds, labels)]
     metrics, records = score_predictions(rows, preds)
     seconds = time.perf_counter() - t0
     metrics.update(data=str(args.data), shots=args.shots, seconds=round(seconds, 1),
                    rows_per_s=round(len(rows) / seconds, 2), model=args.api_model or args.checkpoint or "embedded",
-                   adapter=args.adapter)
+                   adapter=args.adapter, offsets=args.offsets)
     save_eval(Path(args.out), metrics, records)
     return metrics
