@@ -382,7 +382,7 @@ def test_sigterm_drains_running_requests_then_exits(tmp_path):
 def test_dtype_is_auto_and_resolved_for_the_device(monkeypatch):
     seen = []
     monkeypatch.setattr(generate.Generator, "from_checkpoint", classmethod(
-        lambda cls, checkpoint=None, adapter=None, dtype=None, device="cpu": seen.append((dtype, device)) or
+        lambda cls, checkpoint=None, adapter=None, dtype=None, device="cpu", **kw: seen.append((dtype, device)) or
         tiny_generator()))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # a V100
     assert ServeArgs().dtype == "auto"
