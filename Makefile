@@ -12,7 +12,7 @@ OUT    ?= out
 PYTEST_ARGS ?=
 
 .PHONY: FORCE setup scrape annotate selfinstruct train merge generate index qa evaluate sentiment serve docker \
-        demo smoke test test-quick bench clean
+        demo smoke test test-quick bench soak clean
 
 # build .venv once (re-run when a requirements file or the TORCH spec changes)
 setup: $(VENV)/.stamp
@@ -103,6 +103,10 @@ test-quick: setup
 # speed ratios against the reference libraries (see BENCHMARKS.md)
 bench: setup
 	for b in bench/*.py; do $(PY) -m bench.$$(basename $$b .py) || exit 1; done
+
+# the server under minutes of good, bad and abandoned requests on 127.0.0.1 (ARGS="--tiny --seconds 30")
+soak: setup
+	$(PY) -m bench.soak $(ARGS)
 
 # remove outputs and caches (keeps .venv)
 clean:

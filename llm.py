@@ -188,9 +188,9 @@ def _json_equal(a, b) -> bool:
 
 
 def validate(value, schema: dict, path: str = "$") -> list[str]:
-    """Errors of `value` against a JSON-schema subset (type, properties, required, enum, items, minimum, maximum,
-    additionalProperties, minItems, maxItems, minLength, maxLength), each naming its JSON path; [] when valid.
-    A string's length is its number of code points, len(value)."""
+    """Errors of `value` against a schema of the subset constrain.py defines (type, properties, required, enum, items,
+    minimum, maximum, additionalProperties, minItems, maxItems, minLength, maxLength), each naming its JSON path; []
+    when valid. A string's length is its number of code points, len(value)."""
     types = schema.get("type")
     if types is not None:
         types = [types] if isinstance(types, str) else types

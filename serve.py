@@ -562,7 +562,8 @@ def _plan(state: ServerState, req: _Request, gen: Generator, prompts: list[list[
     if len(prompts) * req.n > sargs.max_batch or req.n < 1:
         raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} exceeds this server's {sargs.max_batch} "
                             "rows per request (n must be >= 1)", param="n")
-    fields = {**(req.model_extra or {}), **req.model_dump(exclude={"model", "stream", "stream_options"})}
+    fields = {**(req.model_extra or {}),
+              **req.model_dump(exclude={"model", "stream", "stream_options", "prompt", "messages"})}
     try:
         args = GenerateArgs.from_openai(fields, vocab_size=gen.model.args.vocab_size, max_tokens=sargs.max_tokens,
                                         max_n=sargs.max_batch)
