@@ -4,6 +4,7 @@
     apply_lora(model, LoraArgs(r=8, targets=("wq", "wv")))    # freezes everything but the adapters
     python lora.py merge --adapter out/run/adapter --out out/merged --format hf    # base = the embedded model
     python lora.py merge --checkpoint llama-2-7b/ --adapter out/run/adapter --out out/merged --format meta
+    python lora.py merge --adapter out/run/adapter --out out/merged.gguf --format gguf --quant q8_0  # llama.cpp
 
 An adapter folder holds `adapter.safetensors` (keys `layers.0.attention.wq.lora_A`, ...) and `adapter_config.json`
 ({"lora": LoraArgs, "model": ModelArgs}), so loading can check that it belongs to the model it is put on.
@@ -296,9 +297,17 @@ def export_peft(model: Transformer, out_dir: str | Path, base_model_name: str = 
 @dataclass
 class MergeArgs:
     adapter: str = field(default="", metadata={"help": "adapter folder written by train_ddp.py", "required": True})
-    out: str = field(default="", metadata={"help": "output folder for the merged checkpoint", "required": True})
+    out: str = field(default="", metadata={"help": "output folder (meta, hf) or .gguf file (gguf) for the merged model",
+                                           "required": True})
     checkpoint: str | None = field(default=None, metadata={"help": "base checkpoint (default: the embedded model)"})
-    format: Literal["meta", "hf"] = field(default="meta", metadata={"help": "checkpoint format to write"})
+    format: Literal["meta", "hf", "gguf"] = field(default="meta", metadata={
+        "help": "checkpoint format to write; gguf runs in llama.cpp and Ollama"})
+    quant: Literal["f16", "q8_0", "f32"] = field(default="f16", metadata={
+        "help": "GGUF type of the weight matrices (--format gguf only)"})
+
+    def __post_init__(self):
+        if self.quant != "f16" and self.format != "gguf":
+            raise ValueError(f"--quant {self.quant} applies to --format gguf only (got --format {self.format})")
 
 
 def merge(margs: MergeArgs) -> Path:
@@ -306,7 +315,7 @@ def merge(margs: MergeArgs) -> Path:
     model = load_model(margs.checkpoint)  # in the checkpoint's own dtype; the update is computed in fp32
     load_adapter(model, margs.adapter)
     return save_model(strip_lora(model), margs.out, format=margs.format,
-                      tokenizer_src=margs.checkpoint or embedded_model_path())
+                      tokenizer_src=margs.checkpoint or embedded_model_path(), quant=margs.quant)
 
 
 def main(argv: list[str] | None = None) -> None:
