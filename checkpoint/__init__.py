@@ -36,11 +36,11 @@ from checkpoint.files import find_sentencepiece, is_gguf, read_json
 from checkpoint.gguf_read import (GGUFFile, GGUFTensor, args_from_gguf, gguf_default_dtype, gguf_state, gguf_tensor,
                                   read_gguf)
 from checkpoint.gguf_write import save_gguf
-from checkpoint.hf import (args_from_hf_config, hf_config, hf_to_meta, load_hf_state, meta_to_hf, permute_to_hf,
-                           save_hf, unpermute_hf)
+from checkpoint.hf import (args_from_hf_config, generation_config, hf_config, hf_to_meta, load_hf_state, meta_to_hf,
+                           permute_to_hf, save_hf, unpermute_hf)
 from checkpoint.meta import args_from_params, load_meta_state, save_meta
 from checkpoint.names import GGUF_TO_META, HF_NAMES, HF_TO_META, expand
-from jsonl import atomic_write
+from jsonl import atomic_write, write_json
 from model import ModelArgs, Transformer
 
 __all__ = ["GGUFFile", "GGUFTensor", "GGUF_TO_META", "HF_NAMES", "HF_TO_META", "args_from_gguf", "args_from_hf_config",
@@ -150,6 +150,8 @@ def save_model(model: Transformer, out, format: str = "meta", tokenizer_src=None
         save_hf(model.args, state, out)
     if tokenizer_src is not None:
         copy_tokenizer(tokenizer_src, out)
+        if format == "hf":  # the stop tokens generate.py uses, so transformers' generate stops where ours does
+            write_json(out / "generation_config.json", generation_config(load_tokenizer(out)))
     return out
 
 

@@ -96,6 +96,18 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
             "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
+def generation_config(tok) -> dict:
+    """generation_config.json for a tokenizer.Tokenizer: its EOS first, then every other token that ends a turn
+    (SmolLM2: <|im_end|>, <|endoftext|>), so transformers' generate and pipeline stop where generate.py does."""
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    cfg = {"eos_token_id": eos + sorted(tok.stop_ids - set(eos))}
+    if tok.bos_id is not None:
+        cfg["bos_token_id"] = tok.bos_id
+    if tok.pad_id is not None:
+        cfg["pad_token_id"] = tok.pad_id
+    return cfg
+
+
 def _weight_files(folder: Path) -> tuple[list[str], dict | None, Path]:
     """The safetensors files of an HF folder and the index's weight_map (None for a single model.safetensors)."""
     index = folder / "model.safetensors.index.json"

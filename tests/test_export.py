@@ -273,3 +273,48 @@ def test_smollm2_gguf_q8_0_greedy_agreement(merged_smollm2):
     print(f"SmolLM2 merged, q8_0 GGUF in transformers vs the fp32 merged model: max |logit diff| {diff:.4f}, greedy "
           f"agreement {agree:.3f} over {sum(len(r[1]) for r in rows)} tokens")
     assert agree >= 0.95
+
+
+# ------------------------------------------------------------------------------------------------- HF export
+def pipeline_tokens(folder, messages, max_new_tokens: int) -> list[int]:
+    """The greedy reply of transformers.pipeline("text-generation") on a merged HF folder, as token ids."""
+    pipe = transformers.pipeline("text-generation", model=str(folder), dtype=torch.float32)
+    prompt = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    [out] = pipe(messages, max_new_tokens=max_new_tokens, do_sample=False, return_tensors=True)
+    ids = out["generated_token_ids"]
+    assert ids[:len(prompt)] == list(prompt)
+    return ids[len(prompt):]
+
+
+def test_merged_hf_folder_runs_in_transformers_pipeline(embedded, tmp_path):
+    """`lora.py merge --format hf` writes a folder that AutoModelForCausalLM, AutoTokenizer (with the chat template)
+    and pipeline() read as they are; the pipeline's greedy reply is generate.py's."""
+    save_model(tiny(True), tmp_path / "base", format="hf", tokenizer_src=embedded)
+    model = load_model(tmp_path / "base")
+    save_adapter(model, adapted(model), model.args, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    main(["merge", "--checkpoint", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
+          "--format", "hf"])
+    src = load_tokenizer(embedded)
+    gen_cfg = transformers.GenerationConfig.from_pretrained(out)
+    assert gen_cfg.eos_token_id == [src.eos_id, *sorted(src.stop_ids - {src.eos_id})]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) == src.apply_chat_template(CHAT)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    merged = strip_lora(model)
+    with torch.no_grad():
+        assert (hf(tokens()).logits - merged(tokens())).abs().max().item() < 1e-4
+    [res] = Generator.from_checkpoint(out).chat([CHAT], GenerateArgs(max_new_tokens=12))
+    assert pipeline_tokens(out, CHAT, 12) == res.token_ids
+
+
+@pytest.mark.slow
+def test_merged_smollm2_hf_folder_answers_in_pipeline_as_generate(merged_smollm2, tmp_path):
+    """The real model ends its answer with <|im_end|>: the pipeline stops there too (generation_config's EOS)."""
+    d = merged_smollm2[0]
+    out = tmp_path / "merged-hf"
+    main(["merge", "--adapter", str(d / "adapter"), "--out", str(out), "--format", "hf"])
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    [res] = Generator.from_checkpoint(out).chat([messages], GenerateArgs(max_new_tokens=48))
+    assert res.finish_reason == "stop"
+    assert pipeline_tokens(out, messages, 48) == res.token_ids
