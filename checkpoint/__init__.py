@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,9 +151,20 @@ def save_model(model: Transformer, out, format: str = "meta", tokenizer_src=None
         save_hf(model.args, state, out)
     if tokenizer_src is not None:
         copy_tokenizer(tokenizer_src, out)
-        if format == "hf":  # the stop tokens generate.py uses, so transformers' generate stops where ours does
-            write_json(out / "generation_config.json", generation_config(load_tokenizer(out)))
+        if format == "hf":
+            _write_generation_config(out)
     return out
+
+
+def _write_generation_config(out: Path) -> None:
+    """generation_config.json with the stop tokens generate.py uses, so transformers' generate stops where ours
+    does; a copied tokenizer that does not load (a placeholder) gets none, with a warning."""
+    try:
+        tok = load_tokenizer(out)
+    except (ValueError, FileNotFoundError) as e:
+        warnings.warn(f"{out}: no generation_config.json written, as the tokenizer does not load ({e})", stacklevel=3)
+        return
+    write_json(out / "generation_config.json", generation_config(tok))
 
 
 def llama_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -193,6 +205,8 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype, device, 
     expected = model.state_dict()
     if args.tie_embeddings and "tok_embeddings.weight" in state:
         state.setdefault("output.weight", state["tok_embeddings.weight"])
+    files = set(where.values())  # a tensor missing from a one-file checkpoint is missing from that file
+    default_source = next(iter(files)) if len(files) == 1 else default_source
     _check_state(state, expected, args, lambda k: where.get(k, default_source))
     for k in expected:
         if k == "output.weight" and args.tie_embeddings:
