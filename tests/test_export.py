@@ -318,3 +318,12 @@ def test_merged_smollm2_hf_folder_answers_in_pipeline_as_generate(merged_smollm2
     [res] = Generator.from_checkpoint(out).chat([messages], GenerateArgs(max_new_tokens=48))
     assert res.finish_reason == "stop"
     assert pipeline_tokens(out, messages, 48) == res.token_ids
+
+
+def test_gguf_from_a_bf16_model(embedded, tmp_path):
+    model = tiny(False).to(torch.bfloat16)
+    path = save_model(model, tmp_path / "m.gguf", format="gguf", tokenizer_src=embedded, quant="f16")
+    back = load_model(path)
+    for k, w in model.state_dict().items():
+        want = w.float() if w.dim() == 1 else w.half()
+        assert torch.equal(back.state_dict()[k].to(want.dtype), want), k
