@@ -34,7 +34,7 @@ import torch
 
 from cli import parse_args
 from constrain import JsonConstraint
-from quant import KINDS
+from quant import KINDS, load_quantized
 
 # on_text(row, new_text, result): result is None until the row's last call, which passes its Result
 OnText = Callable[[int, str, "Result | None"], None]
@@ -340,10 +340,9 @@ class Generator:
     def from_checkpoint(cls, checkpoint=None, adapter=None, dtype=None, device="cpu", base_quant="none") -> Generator:
         """Load a checkpoint (None = the embedded SmolLM2) and its tokenizer, with an optional LoRA adapter;
         base_quant int8 / nf4 keeps the base weights quantized (quant.py)."""
-        from checkpoint import load_model, load_tokenizer
-        from quant import quantize_model
+        from checkpoint import load_tokenizer
 
-        model = quantize_model(load_model(checkpoint, dtype=dtype, device=device), base_quant)
+        model = load_quantized(checkpoint, base_quant, dtype=dtype, device=device)
         if adapter is not None:
             from lora import load_adapter  # only adapters need lora.py
 

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import StepLoader, encode_records, eval_batches, load_records, make_rows, split_validation
 from lora import LoraArgs, apply_lora, export_peft, load_adapter, save_adapter
 from model import Transformer, TransformerBlock
-from quant import KINDS, quantize_model
+from quant import KINDS, load_quantized, quantize_model
 
 
 @dataclass
@@ -327,9 +327,9 @@ def train(targs: TrainArgs, model: Transformer | None = None, tokenizer=None) ->
 
     rt = setup_runtime(targs.device, targs.precision)
     if model is None or tokenizer is None:
-        from checkpoint import load_model, load_tokenizer
+        from checkpoint import load_tokenizer
 
-        model = load_model(targs.checkpoint, dtype=rt.dtype, device=str(rt.device))
+        model = load_quantized(targs.checkpoint, targs.base_quant, dtype=rt.dtype, device=str(rt.device))
         tokenizer = load_tokenizer(targs.checkpoint)
     if targs.max_len > model.args.max_seq_len:
         raise ValueError(f"--max-len={targs.max_len} exceeds the model's max_seq_len={model.args.max_seq_len}")
