@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from checkpoint import embedded_model_path, load_model, permute_to_hf, save_model
+from checkpoint import embedded_model_path, permute_to_hf, save_model
 from checkpoint.files import read_json
 from checkpoint.names import HF_NAMES  # our linear names -> HF module paths (the one table)
 from cli import parse_args
 from jsonl import atomic_write, write_json
 from model import Linear, ModelArgs, Transformer
+from quant import KINDS, dequantize_model, load_quantized
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
 
@@ -299,11 +300,14 @@ class MergeArgs:
     out: str = field(default="", metadata={"help": "output folder for the merged checkpoint", "required": True})
     checkpoint: str | None = field(default=None, metadata={"help": "base checkpoint (default: the embedded model)"})
     format: Literal["meta", "hf"] = field(default="meta", metadata={"help": "checkpoint format to write"})
+    base_quant: Literal[KINDS] = field(default="none", metadata={
+        "help": "the --base-quant the adapter was trained with: merge into that base, dequantized"})
 
 
 def merge(margs: MergeArgs) -> Path:
     """Base checkpoint + adapter -> a merged checkpoint in margs.out; returns its path."""
-    model = load_model(margs.checkpoint)  # in the checkpoint's own dtype; the update is computed in fp32
+    # in the checkpoint's own dtype (dequantized when it was trained quantized); the update is computed in fp32
+    model = dequantize_model(load_quantized(margs.checkpoint, margs.base_quant))
     load_adapter(model, margs.adapter)
     return save_model(strip_lora(model), margs.out, format=margs.format,
                       tokenizer_src=margs.checkpoint or embedded_model_path())

@@ -241,15 +241,25 @@ def test_ddp_and_fsdp_on_a_quantized_base_equal_one_process(data, kind):
 
 
 def test_train_on_a_quantized_base_saves_an_adapter_that_merges(data):
+    from checkpoint import load_model, save_model
+    from lora import MergeArgs, merge
+
     out = train(targs(data, "nf4", base_quant="nf4", max_steps=20), tiny_model(), ByteTokenizer(chat=True))
     assert all(math.isfinite(v) for v in losses(out)) and losses(out)[-1] < losses(out)[0]
+    assert (out / "peft" / "adapter_model.safetensors").is_file()
     model = quantize_model(tiny_model(), "nf4")
     load_adapter(model, out / "adapter")
     tokens = torch.randint(0, 259, (1, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = model(tokens)
         assert torch.allclose(merge_lora(dequantize_model(model))(tokens), want, atol=1e-4, rtol=0)
-    assert (out / "peft" / "adapter_model.safetensors").is_file()
+    # `python lora.py merge --base-quant nf4`: the base it trained on, dequantized, plus the update
+    save_model(tiny_model(), data / "base", format="meta")
+    (data / "base" / "tokenizer.json").write_text("{}")  # merge copies the base's tokenizer files; none is read here
+    merged = merge(MergeArgs(adapter=str(out / "adapter"), out=str(data / "merged"), checkpoint=str(data / "base"),
+                             base_quant="nf4"))
+    with torch.no_grad():
+        assert torch.allclose(load_model(merged)(tokens), want, atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------- embedded model
