@@ -37,7 +37,7 @@ import torch
 from cli import parse_args
 from constrain import JsonConstraint, response_format_schema
 from precision import CHOICES as PRECISIONS, choose_dtype
-from quant import KINDS
+from quant import KINDS, load_quantized
 
 # on_text(row, new_text, result): result is None until the row's last call, which passes its Result
 OnText = Callable[[int, str, "Result | None"], None]
@@ -398,11 +398,10 @@ class Generator:
         """Load a checkpoint (None = the embedded SmolLM2) and its tokenizer, with an optional LoRA adapter.
         dtype "auto" is precision.py's choice for the device; None keeps the checkpoint's own; base_quant int8 / nf4
         keeps the base weights quantized (quant.py)."""
-        from checkpoint import load_model, load_tokenizer
-        from quant import quantize_model
+        from checkpoint import load_tokenizer
 
         dtype = None if dtype is None else choose_dtype(dtype, device)
-        model = quantize_model(load_model(checkpoint, dtype=dtype, device=device), base_quant)
+        model = load_quantized(checkpoint, base_quant, dtype=dtype, device=device)
         if adapter is not None:
             from lora import load_adapter  # only adapters need lora.py
 

@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from checkpoint import embedded_model_path, load_model, permute_to_hf, save_model
+from checkpoint import embedded_model_path, permute_to_hf, save_model
 from checkpoint.files import read_json
 from checkpoint.hf import read_safetensors
 from checkpoint.names import HF_NAMES  # our linear names -> HF module paths (the one table)
 from cli import parse_args
 from jsonl import atomic_write, write_json
 from model import Linear, ModelArgs, Transformer
+from quant import KINDS, dequantize_model, load_quantized
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
 
@@ -337,6 +338,8 @@ class MergeArgs:
         "help": "checkpoint format to write; gguf runs in llama.cpp and Ollama"})
     quant: Literal["f16", "q8_0", "f32"] = field(default="f16", metadata={
         "help": "GGUF type of the weight matrices (--format gguf only)"})
+    base_quant: Literal[KINDS] = field(default="none", metadata={
+        "help": "the --base-quant the adapter was trained with: merge into that base, dequantized"})
 
     def __post_init__(self):
         if self.quant != "f16" and self.format != "gguf":
@@ -345,7 +348,8 @@ class MergeArgs:
 
 def merge(margs: MergeArgs) -> Path:
     """Base checkpoint + adapter -> a merged checkpoint in margs.out; returns its path."""
-    model = load_model(margs.checkpoint)  # in the checkpoint's own dtype; the update is computed in fp32
+    # in the checkpoint's own dtype (dequantized when it was trained quantized); the update is computed in fp32
+    model = dequantize_model(load_quantized(margs.checkpoint, margs.base_quant))
     load_adapter(model, margs.adapter)
     return save_model(strip_lora(model), margs.out, format=margs.format,
                       tokenizer_src=margs.checkpoint or embedded_model_path(), quant=margs.quant)

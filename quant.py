@@ -3,7 +3,7 @@ compute dtype inside each linear, forward and backward; the LoRA adapters on top
 
     from quant import quantize_model, dequantize_model, weight_bytes
     quantize_model(model, "nf4")             # every linear and the token embeddings, in place
-    load_model(path, quant="nf4")            # checkpoint: each tensor quantized as it is read (no full copy)
+    load_quantized(path, "nf4")              # checkpoint.load_model, each tensor quantized as it is read
     python train_ddp.py --base-quant nf4 ... ; python generate.py --base-quant int8 ... ; serve.py --base-quant nf4
     weight_bytes((4096, 11008), "nf4")       # bytes a frozen weight takes (the memory plan uses it)
 
@@ -40,7 +40,7 @@ _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # value x rounds to code i 
 # byte b -> (code[b >> 4], code[b & 15]) as one 64-bit word: one gather of 8 bytes dequantizes two weights
 # (index_select over this table is ~8x faster on a CPU than indexing a (16,) code table twice; measured)
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1).view(torch.int64).view(-1)
-_CHUNK = 1 << 22  # elements per pass when (de)quantizing: bounds the fp32 temporaries to ~16 MB
+_CHUNK = 1 << 20  # elements per pass when (de)quantizing: bounds the fp32 temporaries to ~4 MB each
 
 
 _BLOCK_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -300,31 +300,29 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 class LoadQuantizer:
-    """The per-tensor hook of checkpoint loading: take() quantizes a weight as it is read (and drops its
-    memory-mapped pages), install() puts the quantized modules into the model built from the remaining tensors.
-    The peak stays at the quantized model plus one tensor, never the full-precision model."""
+    """The per-tensor transform of checkpoint.load_model: each linear / embedding weight is quantized as it is read
+    (its memory-mapped pages dropped) and replaced by an empty meta tensor; install() then swaps the quantized
+    modules in. The peak is the quantized model plus one tensor, never the full-precision model."""
 
-    def __init__(self, kind: str, dtype: torch.dtype | None, device="cpu"):
-        self.kind, self.dtype, self.device = check_kind(kind), dtype, torch.device(device)
+    def __init__(self, kind: str, dtype: torch.dtype | None = None):
+        self.kind, self.dtype = check_kind(kind), dtype
         self.parts: dict[str, tuple] = {}
-        self._taken: dict[int, str] = {}  # id of a source tensor -> its key: a tied tensor is quantized once
 
-    def wants(self, key: str) -> bool:
-        """True for the weights that get quantized: every linear and the token embeddings (2-D, named .weight)."""
-        return self.kind != "none" and key.endswith(".weight") and key.split(".")[-2] in _BLOCK_NAMES + _VOCAB_NAMES
-
-    def take(self, key: str, tensor: torch.Tensor) -> None:
-        if id(tensor) in self._taken:  # tied embeddings: the output shares the codes
-            self.parts[key] = self.parts[self._taken[id(tensor)]]
-            return
-        self._taken[id(tensor)] = key
+    def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        module = key.removesuffix(".weight").rsplit(".", 1)[-1]
+        if self.kind == "none" or not key.endswith(".weight") or module not in _BLOCK_NAMES + _VOCAB_NAMES:
+            return tensor
         with torch.no_grad():
-            codes, scales, spec = quantize(tensor.to(self.device), kind_of(key, self.kind))
+            codes, scales, spec = quantize(tensor, kind_of(key, self.kind))
         self.parts[key] = (codes, scales, spec, self.dtype or tensor.dtype)
         release_pages(tensor)
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")  # a placeholder until install()
 
     def install(self, model: nn.Module) -> nn.Module:
-        """Swap in quantized modules for the weights taken (in place; returns model)."""
+        """Swap in the quantized modules (in place; returns model); a tied output shares the embedding's codes."""
+        if getattr(getattr(model, "args", None), "tie_embeddings", False) and "tok_embeddings.weight" in self.parts:
+            self.parts.setdefault("output.weight", self.parts["tok_embeddings.weight"])
+
         def make(name, m):
             parts = self.parts.get(f"{name}.weight")
             if parts is None:
@@ -332,6 +330,16 @@ class LoadQuantizer:
             return (QuantEmbedding if isinstance(m, nn.Embedding) else QuantLinear)(*parts)
 
         return _swap(model, make)
+
+
+def load_quantized(path=None, kind: str = "none", dtype: torch.dtype | None = None, device="cpu") -> Transformer:
+    """checkpoint.load_model with the base weights quantized tensor by tensor as they are read (kind "none": as is)."""
+    from checkpoint import load_model  # lazy: checkpoint reads files; quant's modules need none of it
+
+    if check_kind(kind) == "none":
+        return load_model(path, dtype=dtype, device=device)
+    quantizer = LoadQuantizer(kind, dtype)
+    return quantizer.install(load_model(path, dtype=dtype, device=device, transform=quantizer))
 
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4

@@ -44,7 +44,7 @@ from lora import LoraArgs, apply_lora, export_peft, load_adapter, save_adapter
 from memory_plan import Plan, Setup, device_bytes, plan, sdpa_kernel
 from model import ModelArgs, Transformer, TransformerBlock
 from precision import choose_dtype
-from quant import KINDS, quantize_model
+from quant import KINDS, load_quantized, quantize_model
 
 
 @dataclass
@@ -499,9 +499,9 @@ def print_plan(p: Plan, rt: Runtime) -> None:
 def load_base(targs: TrainArgs, rt: Runtime, model: Transformer | None, tokenizer) -> tuple[Transformer, object]:
     """The model and tokenizer of --checkpoint unless given, checked against --max-len."""
     if model is None or tokenizer is None:
-        from checkpoint import load_model, load_tokenizer  # lazy: tests and benches pass their own model
+        from checkpoint import load_tokenizer  # lazy: tests and benches pass their own model
 
-        model = load_model(targs.checkpoint, dtype=rt.dtype, device=str(rt.device))
+        model = load_quantized(targs.checkpoint, targs.base_quant, dtype=rt.dtype, device=str(rt.device))
         tokenizer = load_tokenizer(targs.checkpoint)
     if targs.max_len > model.args.max_seq_len:
         raise ValueError(f"--max-len={targs.max_len} exceeds the model's max_seq_len={model.args.max_seq_len}")
