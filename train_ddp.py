@@ -9,8 +9,9 @@
 --out receives adapter/ (native), peft/ (loads with peft.PeftModel.from_pretrained on the HF base), metrics.jsonl,
 loss.png, args.json and checkpoints/step_NNNNNNN/ (adapter + optimizer + scaler + data position + RNG).
 Precision (DESIGN.md, precision.py): `auto` is fp16 on V100 (frozen base in fp16, adapters and AdamW state in fp32,
-autocast, GradScaler), bf16 on newer GPUs and on CPUs with native bf16 (AMX, AVX512_BF16), fp32 on other CPUs. The loss of a step is the sum of its token losses over the global
-number of target tokens, so any split over micro-steps and ranks gives the same update.
+autocast, GradScaler), bf16 on newer GPUs and on CPUs with native bf16 (AMX, AVX512_BF16), fp32 on other CPUs.
+The loss of a step is the sum of its token losses over the global number of target tokens, so any split over
+micro-steps and ranks gives the same update.
 """
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def check_torch(version: str | None = None) -> None:
         need = ".".join(map(str, MIN_TORCH))
         raise RuntimeError(f"torch {version} is older than {need}, which train_ddp.py needs (FSDP2 fully_shard with "
                            f"ignored_params); install a newer one: make setup TORCH=\"torch>={need} --index-url "
-                           f"https://download.pytorch.org/whl/cu126\" (V100 needs cu126), or pip install 'torch>={need}'")
+                           f"https://download.pytorch.org/whl/cu126\" (V100 needs cu126), or "
+                           f"pip install 'torch>={need}'")
 
 
 def cuda_expected() -> str | None:
