@@ -12,9 +12,9 @@ loss.png, args.json and checkpoints/step_NNNNNNN/ (adapter + optimizer + scaler 
 destroys another: an --out that holds one is refused without --resume or --overwrite, pruning keeps the highest
 steps, and --resume skips a damaged newest checkpoint (renamed step_N.damaged) and a torn last metrics line.
 Precision (DESIGN.md, precision.py): `auto` is fp16 on V100 (frozen base in fp16, adapters and AdamW state in fp32,
-autocast, GradScaler), bf16 on newer GPUs and on CPUs with native bf16 (AMX, AVX512_BF16), fp32 on other CPUs. The
-loss of a step is the sum of its token losses over the global
-number of target tokens, so any split over micro-steps and ranks gives the same update.
+autocast, GradScaler), bf16 on newer GPUs and on CPUs with native bf16 (AMX, AVX512_BF16), fp32 on other CPUs.
+The loss of a step is the sum of its token losses over the global number of target tokens, so any split over
+micro-steps and ranks gives the same update.
 """
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ def check_torch(version: str | None = None) -> None:
         need = ".".join(map(str, MIN_TORCH))
         raise RuntimeError(f"torch {version} is older than {need}, which train_ddp.py needs (FSDP2 fully_shard with "
                            f"ignored_params); install a newer one: make setup TORCH=\"torch>={need} --index-url "
-                           f"https://download.pytorch.org/whl/cu126\" (V100 needs cu126), or pip install 'torch>={need}'")
+                           f"https://download.pytorch.org/whl/cu126\" (V100 needs cu126), or "
+                           f"pip install 'torch>={need}'")
 
 
 def cuda_expected() -> str | None:

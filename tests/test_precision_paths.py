@@ -228,3 +228,44 @@ def test_the_minimum_torch_is_pinned_where_torch_gets_installed():
     assert f"torch>={need}" in (root / "requirements.txt").read_text()
     base = re.search(r"FROM pytorch/pytorch:(\d+)\.(\d+)", (root / "Dockerfile").read_text())
     assert (int(base[1]), int(base[2])) >= train_ddp.MIN_TORCH
+
+
+def _bool_mask(doc_q, doc_k, start_pos, dtype):
+    """The mask as it was: boolean, turned into an additive one by SDPA in every layer."""
+    T, Tk = doc_q.shape[1], doc_k.shape[1]
+    causal = torch.arange(start_pos, start_pos + T)[:, None] >= torch.arange(Tk)[None, :]
+    return (causal & (doc_q[:, :, None] == doc_k[:, None, :])).unsqueeze(1)
+
+
+@pytest.mark.parametrize("expand", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_gqa_attention_equals_the_boolean_mask_path(monkeypatch, expand, dtype):
+    """The additive mask made once per forward, and (expand) the CUDA branch that copies k/v up to n_heads instead
+    of enable_gqa, give the old path's logits and gradients (packed rows: doc ids and per-document positions)."""
+    import model as model_module
+    from model import Transformer as T_
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**{**TINY, "n_heads": 8, "n_kv_heads": 2})).to(dtype)
+    tokens = torch.randint(0, 259, (2, 40))
+    docs = torch.tensor([[1] * 15 + [2] * 20 + [0] * 5, [1] * 33 + [2] * 7])
+    pos = torch.cat([torch.arange(15), torch.arange(20), torch.arange(5)]).repeat(2, 1)
+
+    def run():
+        model.zero_grad()
+        logits = model(tokens, positions=pos, doc_ids=docs)
+        logits.float().square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    if expand:
+        monkeypatch.setattr(model_module, "EXPAND_KV_WITH_MASK", {"cpu"})
+    new = run()
+    monkeypatch.setattr(model_module, "EXPAND_KV_WITH_MASK", set())
+    monkeypatch.setattr(T_, "_mask", staticmethod(_bool_mask))
+    old = run()
+    # the mask alone changes no bit; expanded heads sum k/v gradients in another order
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype != torch.float32 else dict(atol=1e-7, rtol=1e-5) if expand else \
+        dict(atol=0, rtol=0)
+    torch.testing.assert_close(new[0], old[0], **tol)
+    for a, b in zip(new[1], old[1]):
+        torch.testing.assert_close(a, b, **tol)
