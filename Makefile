@@ -12,7 +12,7 @@ OUT    ?= out
 PYTEST_ARGS ?=
 
 .PHONY: setup scrape annotate selfinstruct train merge generate index qa evaluate sentiment serve docker \
-        demo smoke test test-quick bench clean
+        demo smoke test test-quick bench gpu-check clean
 
 # build .venv once (re-run when a requirements file changes)
 setup: $(VENV)/.stamp
@@ -92,6 +92,11 @@ test-quick: setup
 # speed ratios against the reference libraries (see BENCHMARKS.md)
 bench: setup
 	for b in bench/*.py; do $(PY) -m bench.$$(basename $$b .py) || exit 1; done
+
+# on one CUDA GPU (<= 8 min): CUDA tests, training/decoding vs transformers+peft, memory plan; no .venv needed:
+#   make gpu-check PY=python3      (CI: make gpu-check ARGS="--device cpu --tiny")
+gpu-check:
+	$(PY) -m bench.gpu_check $(ARGS)
 
 # remove outputs and caches (keeps .venv)
 clean:

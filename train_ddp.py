@@ -152,7 +152,7 @@ def wrap_model(model: Transformer, targs: TrainArgs, rt: Runtime) -> nn.Module:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock),
                                        checkpoint_wrapper_fn=partial(checkpoint_wrapper,
                                                                      checkpoint_impl=CheckpointImpl.NO_REENTRANT))
-    if rt.world_size == 1:
+    if not dist.is_initialized():  # one process; a one-rank group still wraps (make gpu-check runs DDP/FSDP so)
         return model
     if targs.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -366,10 +366,14 @@ def start_outputs(out: Path, start_step: int, targs: TrainArgs, largs: LoraArgs,
     return path.open("a")
 
 
-def plot_losses(out: Path) -> Path:
-    """loss.png: training and validation loss per step, from metrics.jsonl."""
-    import matplotlib  # lazy: only the end of a run draws
-
+def plot_losses(out: Path) -> Path | None:
+    """loss.png: training and validation loss per step, from metrics.jsonl (None without matplotlib: a GPU box's
+    bare python may lack it, and the run's outputs must not depend on a plot)."""
+    try:
+        import matplotlib  # lazy: only the end of a run draws
+    except ImportError:
+        print(f"no loss.png in {out}: matplotlib is not installed (the metrics are in metrics.jsonl)", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -437,6 +441,12 @@ def base_model_args(path: str | None) -> ModelArgs:
     return args_from_gguf(read_gguf(p))
 
 
+def base_kind(model: Transformer) -> str | None:
+    """The kind of the frozen block weights (memory_plan.BASE_BYTES), from the first frozen weight of a block."""
+    frozen = next(p for p in model.layers[0].parameters() if not p.requires_grad)
+    return DTYPE_NAMES.get(frozen.dtype)
+
+
 def memory_plan(targs: TrainArgs, margs: ModelArgs, rt: Runtime, base: str | None = None) -> Plan:
     """The per-rank memory plan of this run's flags (the frozen base kind from the loaded weights when known)."""
     precision = DTYPE_NAMES[rt.dtype]
@@ -466,10 +476,10 @@ def load_base(targs: TrainArgs, rt: Runtime, model: Transformer | None, tokenize
 def start_run(targs: TrainArgs, rt: Runtime, model: Transformer, tokenizer) -> Run:
     """The memory plan (printed), LoRA on the model, optimizer, data, the resumed state if --resume, the wrapper,
     and the outputs."""
-    mem = memory_plan(targs, model.args, rt, DTYPE_NAMES.get(next(model.parameters()).dtype))
-    print_plan(mem, rt)
     out, largs = Path(targs.out), targs.lora_args()
     raw = prepare_model(model, largs, targs, rt)
+    mem = memory_plan(targs, raw.args, rt, base_kind(raw))
+    print_plan(mem, rt)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, weight_decay=targs.weight_decay)
     loader, val_batches, counts = load_data(targs, tokenizer, rt)
