@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import StepLoader, encode_records, eval_batches, load_records, make_rows, split_validation
 from jsonl import read_jsonl, write_json, write_jsonl
 from lora import LoraArgs, apply_lora, export_peft, load_adapter, save_adapter
-from memory_plan import Plan, Setup, device_bytes, plan, sdpa_kernel
+from memory_plan import Plan, Setup, attention_kernel, device_bytes, model_args_of, plan
 from model import ModelArgs, Transformer, TransformerBlock
 
 
@@ -427,20 +427,6 @@ class Run:
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def base_model_args(path: str | None) -> ModelArgs:
-    """The ModelArgs of a checkpoint from its config alone (params.json, config.json, GGUF metadata): no weights."""
-    from checkpoint import (args_from_gguf, args_from_hf_config, args_from_params, detect_format,  # lazy: heavy
-                            embedded_model_path, read_gguf)
-
-    p = Path(path) if path else embedded_model_path()
-    fmt = detect_format(p)
-    if fmt == "meta":
-        return args_from_params(p / "params.json")
-    if fmt == "hf":
-        return args_from_hf_config(json.loads((p / "config.json").read_text()), p / "config.json")
-    return args_from_gguf(read_gguf(p))
-
-
 def base_kind(model: Transformer) -> str | None:
     """The kind of the frozen block weights (memory_plan.BASE_BYTES), from the first frozen weight of a block."""
     frozen = next(p for p in model.layers[0].parameters() if not p.requires_grad)
@@ -452,7 +438,7 @@ def memory_plan(targs: TrainArgs, margs: ModelArgs, rt: Runtime, base: str | Non
     precision = DTYPE_NAMES[rt.dtype]
     return plan(Setup(margs, targs.lora_args(), targs.micro_batch_size, targs.max_len, precision, base or precision,
                       rt.world_size, targs.strategy, targs.activation_checkpointing, targs.pack,
-                      sdpa_kernel(rt.device, rt.dtype, margs, masked=targs.pack)))
+                      attention_kernel(rt.device, rt.dtype, margs, masked=targs.pack)))
 
 
 def print_plan(p: Plan, rt: Runtime) -> None:
@@ -540,7 +526,7 @@ def train(targs: TrainArgs, model: Transformer | None = None, tokenizer=None) ->
     rt = setup_runtime(targs.device, targs.precision)
     load_records(targs.data)  # names the file, line and field of a bad record, before minutes of model loading
     if targs.dry_run:  # the plan from the config alone: no weights loaded, nothing written
-        print_plan(memory_plan(targs, model.args if model else base_model_args(targs.checkpoint), rt), rt)
+        print_plan(memory_plan(targs, model.args if model else model_args_of(targs.checkpoint), rt), rt)
         return Path(targs.out)
     check_out(Path(targs.out), targs, rt)  # also before the model loads
     run = start_run(targs, rt, *load_base(targs, rt, model, tokenizer))
