@@ -237,13 +237,13 @@ def check_out(out: Path, targs: TrainArgs, rt: Runtime) -> None:
             if p.exists() and (p.is_file() or any(p.iterdir()))]
     if targs.resume and targs.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one of them")
-    if not used or targs.resume:
+    # one decision for all ranks (each sees its own disk on several nodes), taken before rank 0 empties the folder
+    if targs.resume or not all_reduce([float(bool(used))], rt)[0]:
         return
     if not targs.overwrite:
-        raise FileExistsError(f"--out {out} holds a run ({used[0]}); pass --resume to continue it or --overwrite "
-                              f"to delete it and start again (or choose another --out)")
-    if rt.world_size > 1:
-        dist.barrier()  # every rank has looked at the folder before rank 0 empties it
+        where = used[0] if used else "seen by another rank"
+        raise FileExistsError(f"--out {out} holds a run ({where}); pass --resume to continue it or --overwrite to "
+                              f"delete it and start again (or choose another --out)")
     if rt.is_main:
         for name in ("checkpoints", "adapter", "peft", "metrics.jsonl", "loss.png"):
             path = out / name
