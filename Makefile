@@ -12,7 +12,7 @@ OUT    ?= out
 PYTEST_ARGS ?=
 
 .PHONY: FORCE setup scrape annotate selfinstruct train merge generate index qa evaluate sentiment serve docker \
-        demo smoke test test-quick bench soak clean
+        demo smoke test test-quick bench soak gpu-check clean
 
 # build .venv once (re-run when a requirements file or the TORCH spec changes)
 setup: $(VENV)/.stamp
@@ -107,6 +107,11 @@ bench: setup
 # the server under minutes of good, bad and abandoned requests on 127.0.0.1 (ARGS="--tiny --seconds 30")
 soak: setup
 	$(PY) -m bench.soak $(ARGS)
+
+# on one CUDA GPU (<= 8 min): CUDA tests, training/decoding vs transformers+peft, memory plan; no .venv needed:
+#   make gpu-check PY=python3      (CI: make gpu-check ARGS="--device cpu --tiny")
+gpu-check:
+	$(PY) -m bench.gpu_check $(ARGS)
 
 # remove outputs and caches (keeps .venv)
 clean:

@@ -3,6 +3,7 @@ weights, adapters + AdamW state, gradients, activations (with and without activa
 output/loss chunk and the backward's working set, and whether the total fits the device.
 
     python memory_plan.py --model llama-7b --precision fp16 --world-size 4 --strategy fsdp --device-gib 32
+    python memory_plan.py --model path/to/checkpoint --world-size 8 --activation-checkpointing
     python train_ddp.py --data ... --dry-run          # the same plan for a real run's flags, then exit
 
     from memory_plan import Setup, plan
@@ -226,7 +227,7 @@ def plan(s: Setup) -> Plan:
                 activations_checkpointed=checkpointed + head_saved, output_chunk=head_work, backward=backward)
 
 
-def sdpa_kernel(device: torch.device, dtype: torch.dtype, m: ModelArgs, masked: bool) -> str:
+def attention_kernel(device: torch.device, dtype: torch.dtype, m: ModelArgs, masked: bool) -> str:
     """'fused' or 'math': which SDPA backward the model's attention gets on `device` (a tiny probe call)."""
     q = torch.zeros(1, m.n_heads, 16, m.head_dim, device=device, dtype=dtype, requires_grad=True)
     kv = torch.zeros(1, m.kv_heads, 16, m.head_dim, device=device, dtype=dtype)
@@ -235,6 +236,24 @@ def sdpa_kernel(device: torch.device, dtype: torch.dtype, m: ModelArgs, masked: 
                                          enable_gqa=m.kv_heads != m.n_heads)
     name = type(out.grad_fn).__name__.lower()
     return "fused" if any(k in name for k in ("flash", "efficient", "cudnn", "fused")) else "math"
+
+
+def model_args_of(path: str | None) -> ModelArgs:
+    """The ModelArgs of a checkpoint from its config alone (params.json, config.json, GGUF metadata; None: the
+    embedded model): no weight is read."""
+    import json
+    from pathlib import Path
+
+    from checkpoint import (args_from_gguf, args_from_hf_config, args_from_params, detect_format,  # lazy: the
+                            embedded_model_path, read_gguf)  # plan itself needs only the shapes
+
+    p = Path(path) if path else embedded_model_path()
+    fmt = detect_format(p)
+    if fmt == "meta":
+        return args_from_params(p / "params.json")
+    if fmt == "hf":
+        return args_from_hf_config(json.loads((p / "config.json").read_text()), p / "config.json")
+    return args_from_gguf(read_gguf(p))
 
 
 def device_bytes(device: torch.device) -> tuple[int, str]:
@@ -252,7 +271,8 @@ def device_bytes(device: torch.device) -> tuple[int, str]:
 
 @dataclass
 class PlanArgs:
-    model: str = field(default="llama-7b", metadata={"help": f"model shape, one of {sorted(PRESETS)}"})
+    model: str = field(default="llama-7b", metadata={
+        "help": f"a shape ({', '.join(sorted(PRESETS))}) or a checkpoint (its config only is read)"})
     precision: Literal["fp32", "bf16", "fp16"] = field(default="fp16", metadata={"help": "compute dtype"})
     base: str = field(default="", metadata={"help": f"frozen base kind {sorted(BASE_BYTES)}; empty = --precision"})
     world_size: int = field(default=1, metadata={"help": "ranks"})
@@ -266,16 +286,21 @@ class PlanArgs:
     pack: bool = field(default=True, metadata={"help": "packed rows (a document mask)"})
     device_gib: float = field(default=32.0, metadata={"help": "memory of one device, GiB"})
 
-    def __post_init__(self):
-        if self.model not in PRESETS:
-            raise ValueError(f"--model={self.model!r}: choose one of {sorted(PRESETS)}")
+    def model_args(self) -> ModelArgs:
+        if self.model in PRESETS:
+            return PRESETS[self.model]
+        try:
+            return model_args_of(self.model)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--model={self.model!r}: not a shape ({', '.join(sorted(PRESETS))}) nor a readable "
+                             f"checkpoint ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> None:
     from cli import parse_args  # lazy: the library part needs no CLI
 
     (a,) = parse_args(argv, PlanArgs, description=__doc__)
-    s = Setup(PRESETS[a.model], LoraArgs(r=a.lora_r, targets=a.lora_targets, dropout=a.lora_dropout),
+    s = Setup(a.model_args(), LoraArgs(r=a.lora_r, targets=a.lora_targets, dropout=a.lora_dropout),
               a.micro_batch_size, a.max_len, a.precision, a.base or None, a.world_size, a.strategy,
               a.activation_checkpointing, a.pack)
     print("\n".join(plan(s).lines(int(a.device_gib * GiB), f"one {a.device_gib:g} GiB device")))

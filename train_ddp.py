@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import StepLoader, encode_records, eval_batches, load_records, make_rows, split_validation
 from jsonl import read_jsonl, write_json, write_jsonl
 from lora import LoraArgs, apply_lora, export_peft, load_adapter, save_adapter
-from memory_plan import Plan, Setup, device_bytes, plan, sdpa_kernel
+from memory_plan import Plan, Setup, attention_kernel, device_bytes, model_args_of, plan
 from model import ModelArgs, Transformer, TransformerBlock
 from precision import choose_dtype
 from quant import KINDS, load_quantized, quantize_model
@@ -195,7 +195,7 @@ def wrap_model(model: Transformer, targs: TrainArgs, rt: Runtime) -> nn.Module:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock),
                                        checkpoint_wrapper_fn=partial(checkpoint_wrapper,
                                                                      checkpoint_impl=CheckpointImpl.NO_REENTRANT))
-    if rt.world_size == 1:
+    if not dist.is_initialized():  # one process; a one-rank group still wraps (make gpu-check runs DDP/FSDP so)
         return model
     if targs.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -283,13 +283,13 @@ def check_out(out: Path, targs: TrainArgs, rt: Runtime) -> None:
             if p.exists() and (p.is_file() or any(p.iterdir()))]
     if targs.resume and targs.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one of them")
-    if not used or targs.resume:
+    # one decision for all ranks (each sees its own disk on several nodes), taken before rank 0 empties the folder
+    if targs.resume or not all_reduce([float(bool(used))], rt)[0]:
         return
     if not targs.overwrite:
-        raise FileExistsError(f"--out {out} holds a run ({used[0]}); pass --resume to continue it or --overwrite "
-                              f"to delete it and start again (or choose another --out)")
-    if rt.world_size > 1:
-        dist.barrier()  # every rank has looked at the folder before rank 0 empties it
+        where = used[0] if used else "seen by another rank"
+        raise FileExistsError(f"--out {out} holds a run ({where}); pass --resume to continue it or --overwrite to "
+                              f"delete it and start again (or choose another --out)")
     if rt.is_main:
         for name in ("checkpoints", "adapter", "peft", "metrics.jsonl", "loss.png"):
             path = out / name
@@ -412,10 +412,14 @@ def start_outputs(out: Path, start_step: int, targs: TrainArgs, largs: LoraArgs,
     return path.open("a")
 
 
-def plot_losses(out: Path) -> Path:
-    """loss.png: training and validation loss per step, from metrics.jsonl."""
-    import matplotlib  # lazy: only the end of a run draws
-
+def plot_losses(out: Path) -> Path | None:
+    """loss.png: training and validation loss per step, from metrics.jsonl (None without matplotlib: a GPU box's
+    bare python may lack it, and the run's outputs must not depend on a plot)."""
+    try:
+        import matplotlib  # lazy: only the end of a run draws
+    except ImportError:
+        print(f"no loss.png in {out}: matplotlib is not installed (the metrics are in metrics.jsonl)", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -469,18 +473,10 @@ class Run:
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def base_model_args(path: str | None) -> ModelArgs:
-    """The ModelArgs of a checkpoint from its config alone (params.json, config.json, GGUF metadata): no weights."""
-    from checkpoint import (args_from_gguf, args_from_hf_config, args_from_params, detect_format,  # lazy: heavy
-                            embedded_model_path, read_gguf)
-
-    p = Path(path) if path else embedded_model_path()
-    fmt = detect_format(p)
-    if fmt == "meta":
-        return args_from_params(p / "params.json")
-    if fmt == "hf":
-        return args_from_hf_config(json.loads((p / "config.json").read_text()), p / "config.json")
-    return args_from_gguf(read_gguf(p))
+def base_kind(model: Transformer) -> str | None:
+    """The kind of the frozen block weights (memory_plan.BASE_BYTES), from the first frozen weight of a block."""
+    frozen = next(p for p in model.layers[0].parameters() if not p.requires_grad)
+    return DTYPE_NAMES.get(frozen.dtype)
 
 
 def memory_plan(targs: TrainArgs, margs: ModelArgs, rt: Runtime, base: str | None = None) -> Plan:
@@ -488,7 +484,7 @@ def memory_plan(targs: TrainArgs, margs: ModelArgs, rt: Runtime, base: str | Non
     precision = DTYPE_NAMES[rt.dtype]
     return plan(Setup(margs, targs.lora_args(), targs.micro_batch_size, targs.max_len, precision, base or precision,
                       rt.world_size, targs.strategy, targs.activation_checkpointing, targs.pack,
-                      sdpa_kernel(rt.device, rt.dtype, margs, masked=targs.pack)))
+                      attention_kernel(rt.device, rt.dtype, margs, masked=targs.pack)))
 
 
 def print_plan(p: Plan, rt: Runtime) -> None:
@@ -512,10 +508,10 @@ def load_base(targs: TrainArgs, rt: Runtime, model: Transformer | None, tokenize
 def start_run(targs: TrainArgs, rt: Runtime, model: Transformer, tokenizer) -> Run:
     """The memory plan (printed), LoRA on the model, optimizer, data, the resumed state if --resume, the wrapper,
     and the outputs."""
-    mem = memory_plan(targs, model.args, rt, DTYPE_NAMES.get(next(model.parameters()).dtype))
-    print_plan(mem, rt)
     out, largs = Path(targs.out), targs.lora_args()
     raw = prepare_model(model, largs, targs, rt)
+    mem = memory_plan(targs, raw.args, rt, base_kind(raw))
+    print_plan(mem, rt)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, weight_decay=targs.weight_decay)
     loader, val_batches, counts = load_data(targs, tokenizer, rt)
@@ -576,7 +572,7 @@ def train(targs: TrainArgs, model: Transformer | None = None, tokenizer=None) ->
     rt = setup_runtime(targs.device, targs.precision)
     load_records(targs.data)  # names the file, line and field of a bad record, before minutes of model loading
     if targs.dry_run:  # the plan from the config alone: no weights loaded, nothing written
-        print_plan(memory_plan(targs, model.args if model else base_model_args(targs.checkpoint), rt), rt)
+        print_plan(memory_plan(targs, model.args if model else model_args_of(targs.checkpoint), rt), rt)
         return Path(targs.out)
     check_out(Path(targs.out), targs, rt)  # also before the model loads
     run = start_run(targs, rt, *load_base(targs, rt, model, tokenizer))

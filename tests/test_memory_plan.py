@@ -176,8 +176,8 @@ def test_a_quantized_base_is_one_table_entry(monkeypatch):
         Setup(PRESETS["llama-7b"], LoraArgs(), base="int3")
 
 
-def test_sdpa_kernel_probe_on_cpu():
-    assert memory_plan.sdpa_kernel(torch.device("cpu"), torch.float32, ModelArgs(**SMALL), masked=False) == "fused"
+def test_attention_kernel_probe_on_cpu():
+    assert memory_plan.attention_kernel(torch.device("cpu"), torch.float32, ModelArgs(**SMALL), masked=False) == "fused"
 
 
 def test_dry_run_prints_the_plan_without_loading_weights(tmp_path, monkeypatch, capsys, smollm2_gguf):
