@@ -72,7 +72,7 @@ qa: setup
 evaluate: setup
 	$(PY) -m evaluate news --out $(OUT)/eval $(ARGS)
 
-# financial sentiment: convert TFNS -> LoRA train -> score on TFNS valid and FPB -> $(OUT)/sentiment
+# financial sentiment: convert TFNS -> LoRA train -> score on TFNS valid, FPB and CryptoLin dev -> $(OUT)/sentiment
 sentiment: setup
 	$(PY) -m evaluate sentiment-pipeline --out $(OUT)/sentiment $(ARGS)
 

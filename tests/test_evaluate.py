@@ -330,3 +330,14 @@ def test_sentiment_pipeline_end_to_end(shared_data, tiny_checkpoint, tmp_path):
     assert (out / "adapter" / "train_time.json").stat().st_mtime_ns == trained
     assert (out / "results.md").read_text() == report
 
+
+
+def test_python_m_evaluate_runs_the_package():
+    """`python -m evaluate` (evaluate/__main__.py) is the command; without a subcommand it prints the usage."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "evaluate"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "usage: python -m evaluate {sentiment,sentiment-pipeline,news}" in done.stderr
