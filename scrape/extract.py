@@ -373,13 +373,44 @@ def _bio(b: _Block, authors: tuple[str, ...]) -> bool:
                for a in authors)
 
 
+# CMS conventions for the element holding an article's body ("entry-content", "article__body", "storyBody").
+_BODY_HEAD = {"article", "entry", "post", "story", "news", "blog", "single"}
+_BODY_TAIL = {"body", "content", "text", "copy"}
+
+
+def _body_class(el) -> bool:
+    for token in f"{el.get('class', '')} {el.get('id', '')}".split():
+        words = [t.lower() for t in _SPLIT.split(token) if t]
+        if any(a in _BODY_HEAD and b in _BODY_TAIL for a, b in zip(words, words[1:])):
+            return True
+    return False
+
+
+def _marked_body(root, blocks: list[_Block]):
+    """The element the page marks as its article body: its one schema.org articleBody, else the one element (and
+    what it nests) whose class says so (entry-content, article-body, ...), if it holds most article-like text."""
+    marked = root.xpath('//*[@itemprop="articleBody"]')
+    if len(marked) == 1:
+        return marked[0]
+    good: dict = {}
+    for b in blocks:
+        if _good(b):
+            for el in _lineage(b.element):
+                good[el] = good.get(el, 0) + b.size
+    total = good.get(root, 0)
+    candidates = {el for el in good if el is not root and _body_class(el)}
+    outermost = [el for el in candidates if not any(a in candidates for a in el.iterancestors())]
+    if len(outermost) != 1:  # none, or an article in several chunks: the scoring alone decides
+        return None
+    return outermost[0] if good[outermost[0]] >= 0.5 * total else None
+
+
 def prepare(root, headings: tuple[str | None, ...] = (), standfirst: str | None = None,
             authors: tuple[str, ...] = ()) -> Prepared:
     """Drop what never holds article text from a parsed page (in place) and cut the rest into blocks."""
     _drop_junk(root)
-    marked = root.xpath('//*[@itemprop="articleBody"]')
-    return Prepared(_blocks(root), next(root.iter("h1"), None), headings, standfirst,
-                    marked[0] if len(marked) == 1 else None, authors)
+    blocks = _blocks(root)
+    return Prepared(blocks, next(root.iter("h1"), None), headings, standfirst, _marked_body(root, blocks), authors)
 
 
 def generic_text(root, headings: tuple[str | None, ...] = (), standfirst: str | None = None,

@@ -193,7 +193,8 @@ def test_cli_prints_the_article(capsys):
         main(["no-such.html"])
 
 
-PROSE = " ".join(f"Sentence {i} of the invented article explains what the imaginary network did next." for i in range(6))
+PROSE = " ".join(f"Sentence {i} of the invented article explains what the imaginary network did next."
+                 for i in range(6))
 
 
 def _page(extra_inside: str = "", extra_after: str = "", body_attrs: str = "") -> str:
@@ -229,3 +230,15 @@ def test_schema_org_article_body_bounds_the_container():
     assert "Unrelated" not in text and text.count("Sentence 0") == 4
     unmarked = extract_article(page.replace(' itemprop="articleBody"', ""), use_jsonld_body=False)["text"]
     assert "Unrelated" in unmarked  # without the mark, the longer text would have won
+
+
+def test_a_body_class_bounds_the_container_unless_the_article_is_in_chunks():
+    longer = "".join(f"<p>Unrelated invented feature text, item {i}, which is long and has no links at all.</p>"
+                     for i in range(12))  # less text than the article, in a sibling: the scoring takes both
+    page = _page(body_attrs=' class="c-entry-content main"', extra_after=f"<div>{longer}</div>")
+    text = extract_article(page, use_jsonld_body=False)["text"]
+    assert "Unrelated" not in text and text.count("Sentence 0") == 4
+    unmarked = page.replace(' class="c-entry-content main"', "")
+    assert "Unrelated" in extract_article(unmarked, use_jsonld_body=False)["text"]
+    chunks = page.replace("<div><p>Unrelated", '<div class="article__body"><p>Unrelated')
+    assert "Unrelated" in extract_article(chunks, use_jsonld_body=False)["text"]  # two marked parts: no bound
