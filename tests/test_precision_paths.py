@@ -108,6 +108,7 @@ def test_ddp_gets_the_buffer_flag_this_torch_knows(monkeypatch):
         _set_params_and_buffers_to_ignore_for_model = staticmethod(lambda *a: None)
 
     monkeypatch.setattr(train_ddp, "DDP", FakeOldDDP)
+    monkeypatch.setattr(train_ddp.dist, "is_initialized", lambda: True)  # wrap as if under torchrun
     rt = train_ddp.Runtime(0, 2, torch.device("cpu"), True, torch.float32, nullcontext(), None)
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=259, max_seq_len=64))
     train_ddp.wrap_model(model, TrainArgs(data="x"), rt)
