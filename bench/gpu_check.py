@@ -261,7 +261,7 @@ def train_ours(margs: ModelArgs, precision: str, device: torch.device, args: Che
         train_ddp.optimizer_step(params, optimizer, rt, targs)
 
     seconds, peak = timed_steps(step, args.train_steps, device)
-    plan = train_ddp.memory_plan(targs, margs, rt, train_ddp.base_kind(model))
+    plan = train_ddp.memory_plan(targs, margs, rt)
     del model, optimizer, params
     free(device)
     return {"tok_s": B * T / seconds, "peak_bytes": peak, "plan_bytes": plan.total, "plan": plan.as_dict()}
