@@ -18,7 +18,6 @@ every token as a target.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,7 +33,8 @@ GiB = 2**30
 BASE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32, per adapter parameter
-# LLaMA-1 shapes (Meta's params.json), for plans without a checkpoint at hand
+# shapes for plans without a checkpoint at hand: LLaMA-1 7B and 13B (Meta's params.json), and a 1.1B LLaMA-3.2-1B
+# layout (GQA 32/8 heads, FFN 8192) with LLaMA's 32000-token vocabulary, untied
 PRESETS = {
     "llama-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
     "llama-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256),

@@ -12,7 +12,7 @@ import torch
 
 import memory_plan
 from lora import LoraArgs, apply_lora
-from memory_plan import GiB, PRESETS, Setup, head_bytes, param_counts, plan
+from memory_plan import GiB, PRESETS, Setup, param_counts, plan
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
