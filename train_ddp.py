@@ -233,8 +233,7 @@ def checkpoints(out: Path) -> list[Path]:
 
 def check_out(out: Path, targs: TrainArgs, rt: Runtime) -> None:
     """Refuse to start a new run over an old one: --resume continues it, --overwrite deletes it first."""
-    used = [p for p in (out / "checkpoints", out / "adapter" / "adapter.safetensors")
-            if p.exists() and (p.is_file() or any(p.iterdir()))]
+    used = checkpoints(out)[-1:] + [p for p in [out / "adapter" / "adapter.safetensors"] if p.is_file()]
     if targs.resume and targs.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one of them")
     # one decision for all ranks (each sees its own disk on several nodes), taken before rank 0 empties the folder
