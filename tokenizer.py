@@ -19,6 +19,11 @@ import struct
 from pathlib import Path
 
 import sentencepiece as spm
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+from checkpoint.files import read_json
+from checkpoint.gguf_read import read_gguf
+from jsonl import write_json
 
 # Stanford Alpaca's two training prompts (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT)
 ALPACA_WITH_INPUT = (
@@ -99,8 +104,6 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path) -> Tokenizer:
         """The tokenizer a GGUF file describes: "gpt2" (byte-level BPE) or "llama" (SentencePiece BPE)."""
-        from checkpoint import read_gguf  # checkpoint imports this module; import here to avoid the cycle
-
         meta = read_gguf(path).metadata
         return cls.from_gguf_metadata(meta, source=str(path))
 
@@ -131,12 +134,13 @@ class Tokenizer:
     @classmethod
     def from_hf(cls, folder) -> Tokenizer:
         """An HF folder's `tokenizer.json` + `tokenizer_config.json` (special tokens, chat template)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         folder = Path(folder)
-        backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+            raise ValueError(f"{folder / 'tokenizer.json'}: not a tokenizers tokenizer.json ({e})") from None
         cfg_path = folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = read_json(cfg_path) if cfg_path.is_file() else {}
 
         def special(name):
             tok = cfg.get(name)
@@ -158,7 +162,7 @@ class Tokenizer:
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(self.bos_id),
                "eos_token": name(self.eos_id), "pad_token": name(self.pad_id), "add_bos_token": self.add_bos,
                "chat_template": self.jinja_template}
-        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+        write_json(folder / "tokenizer_config.json", cfg)
 
     # ---- ids
     def token_to_id(self, token: str) -> int | None:
@@ -280,8 +284,6 @@ def _or_none(i: int) -> int | None:
 def _byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int] | None):
     """GPT-2 style byte-level BPE, built the way transformers builds a GGUF "gpt2" tokenizer (integrations/gguf):
     the GPT-2 split regex + byte-to-unicode alphabet, no prefix space, and control tokens kept whole."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
     spell = _bytes_to_unicode()
     alphabet = set(spell)
     # a token spelled outside the byte alphabet (rare llama.cpp spellings) is re-spelled byte by byte

@@ -11,15 +11,18 @@
 loss.png, args.json and checkpoints/step_NNNNNNN/ (adapter + optimizer + scaler + data position + RNG). A run never
 destroys another: an --out that holds one is refused without --resume or --overwrite, pruning keeps the highest
 steps, and --resume skips a damaged newest checkpoint (renamed step_N.damaged) and a torn last metrics line.
-Precision (DESIGN.md): `auto` is fp16 on V100 (frozen base in fp16, adapters and AdamW state in fp32, autocast,
-GradScaler), bf16 on newer GPUs, fp32 on CPU. The loss of a step is the sum of its token losses over the global
-number of target tokens, so any split over micro-steps and ranks gives the same update.
+Precision (DESIGN.md, precision.py): `auto` is fp16 on V100 (frozen base in fp16, adapters and AdamW state in fp32,
+autocast, GradScaler), bf16 on newer GPUs and on CPUs with native bf16 (AMX, AVX512_BF16), fp32 on other CPUs.
+The loss of a step is the sum of its token losses over the global number of target tokens, so any split over
+micro-steps and ranks gives the same update.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -40,6 +43,8 @@ from jsonl import read_jsonl, write_json, write_jsonl
 from lora import LoraArgs, apply_lora, export_peft, load_adapter, save_adapter
 from memory_plan import Plan, Setup, attention_kernel, device_bytes, model_args_of, plan
 from model import ModelArgs, Transformer, TransformerBlock
+from precision import choose_dtype
+from quant import KINDS, load_quantized, quantize_model
 
 
 @dataclass
@@ -58,10 +63,13 @@ class TrainArgs:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 = no clipping"})
     seed: int = field(default=0, metadata={"help": "seed for LoRA init, data order and split"})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        default="auto", metadata={"help": "auto: fp16 on V100, bf16 on newer GPUs, fp32 on CPU"})
+        default="auto", metadata={"help": "auto: fp16 on V100, bf16 on newer GPUs and on CPUs with native bf16, "
+                                         "else fp32 (precision.py)"})
     device: str = field(default="auto", metadata={"help": "auto: cuda:LOCAL_RANK when CUDA is there, else cpu"})
     strategy: Literal["ddp", "fsdp"] = field(default="ddp", metadata={"help": "fsdp shards the frozen base"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
+    base_quant: Literal[KINDS] = field(default="none", metadata={
+        "help": "frozen base weights kept int8 or nf4 (QLoRA), dequantized in each linear (quant.py)"})
     lora_targets: tuple[str, ...] = field(default=LoraArgs.targets, metadata={"help": "linears to adapt"})
     lora_r: int = field(default=LoraArgs.r, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=LoraArgs.alpha, metadata={"help": "LoRA alpha (scale = alpha / r)"})
@@ -109,24 +117,59 @@ class Runtime:
     scaler: torch.amp.GradScaler
 
 
+MIN_TORCH = (2, 7)  # FSDP2's fully_shard(ignored_params=...) and SDPA's enable_gqa
+
+
+def check_torch(version: str | None = None) -> None:
+    """Stop at startup, with the fix, on a torch older than MIN_TORCH (instead of a TypeError deep in wrap_model)."""
+    version = version or torch.__version__
+    found = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if found < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise RuntimeError(f"torch {version} is older than {need}, which train_ddp.py needs (FSDP2 fully_shard with "
+                           f"ignored_params); install a newer one: make setup TORCH=\"torch>={need} --index-url "
+                           f"https://download.pytorch.org/whl/cu126\" (V100 needs cu126), or "
+                           f"pip install 'torch>={need}'")
+
+
+def cuda_expected() -> str | None:
+    """Why this machine looks like it has an NVIDIA GPU that torch cannot use (None when nothing is amiss)."""
+    if torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+        return None
+    if torch.version.cuda is None:
+        return f"nvidia-smi is here but torch {torch.__version__} is a CPU build"
+    return f"nvidia-smi is here but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable GPU " \
+           f"(a driver older than that CUDA, or CUDA_VISIBLE_DEVICES hides it)"
+
+
+def pick_device(device: str, local_rank: int) -> torch.device:
+    """--device auto: cuda:LOCAL_RANK when CUDA works, else the CPU, saying so loudly where a GPU was expected."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    why = cuda_expected()
+    if why:
+        print(f"WARNING: --device auto falls back to the CPU: {why}. Training there is orders of magnitude slower. "
+              f"Reinstall torch for your CUDA, e.g. make setup TORCH=\"torch --index-url "
+              f"https://download.pytorch.org/whl/cu126\", or pass --device cpu to silence this.", file=sys.stderr)
+    return torch.device("cpu")
+
+
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """The one place with device-specific code: process group, device, precision, autocast and loss scaler.
-    Under torchrun (WORLD_SIZE > 1) joins the group (NCCL on CUDA, gloo on CPU) unless it is already set up."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    Under torchrun (WORLD_SIZE > 1) joins the group (NCCL on CUDA, gloo on CPU) unless it is already set up.
+    precision auto is precision.decide's: fp16 (+ GradScaler, adapters stay fp32) on compute capability 7.x, bf16
+    on 8.0+ and on CPUs with native bf16, fp32 on other CPUs."""
+    check_torch()
+    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", 0)))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if precision == "auto":
-        # V100 (compute capability 7.0) has no bf16: fp16 with a loss scaler is the fast path there
-        precision = ("bf16" if torch.cuda.get_device_capability(dev)[0] >= 8 else "fp16") if dev.type == "cuda" \
-            else "fp32"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = choose_dtype(precision, dev)
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(dev.type, dtype=dtype)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     return Runtime(rank, world, dev, rank == 0, dtype, autocast, scaler)
@@ -134,7 +177,7 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
 
 def prepare_model(model: Transformer, largs: LoraArgs, targs: TrainArgs, rt: Runtime) -> Transformer:
     """Frozen base in the compute dtype on the device, fp32 adapters with the same init on every rank."""
-    model.to(device=rt.device, dtype=rt.dtype)
+    quantize_model(model.to(device=rt.device, dtype=rt.dtype), targs.base_quant)  # no-op if loaded quantized
     model.reset_rope(rt.device)  # .to(dtype) also cast the rotary tables; keep them fp32
     torch.manual_seed(targs.seed)
     apply_lora(model, largs)
@@ -166,10 +209,13 @@ def wrap_model(model: Transformer, targs: TrainArgs, rt: Runtime) -> nn.Module:
             fully_shard(layer, mesh=mesh, ignored_params=lora)
         return fully_shard(model, mesh=mesh, ignored_params=lora)
     # the frozen base is identical on every rank: skip broadcasting it and reducing anything but the adapters;
-    # no buffer syncing either (forward_sync_buffers=False is what torch 2.13 calls broadcast_buffers=False)
+    # no buffer syncing either (torch 2.13 renamed broadcast_buffers=False to forward_sync_buffers=False and
+    # deprecated the old name; older versions know only the old one)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     DDP._set_params_and_buffers_to_ignore_for_model(model, frozen + [n for n, _ in model.named_buffers()])
-    return DDP(model, device_ids=[rt.device] if rt.device.type == "cuda" else None, forward_sync_buffers=False)
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
+    return DDP(model, device_ids=[rt.device] if rt.device.type == "cuda" else None, **{sync: False})
 
 
 def get_lr(step: int, targs: TrainArgs, total_steps: int) -> float:
@@ -428,9 +474,10 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 def memory_plan(targs: TrainArgs, margs: ModelArgs, rt: Runtime, base: str | None = None) -> Plan:
     """The per-rank memory plan of this run's flags; base: the frozen weights' kind (memory_plan.BASE_BYTES), by
-    default the compute dtype, which prepare_model casts the base to."""
+    default --base-quant or else the compute dtype, which prepare_model casts the base to."""
     precision = DTYPE_NAMES[rt.dtype]
-    return plan(Setup(margs, targs.lora_args(), targs.micro_batch_size, targs.max_len, precision, base or precision,
+    base = base or (targs.base_quant if targs.base_quant != "none" else precision)
+    return plan(Setup(margs, targs.lora_args(), targs.micro_batch_size, targs.max_len, precision, base,
                       rt.world_size, targs.strategy, targs.activation_checkpointing, targs.pack,
                       attention_kernel(rt.device, rt.dtype, margs, masked=targs.pack)))
 
@@ -444,13 +491,13 @@ def print_plan(p: Plan, rt: Runtime) -> None:
 def start_run(targs: TrainArgs, rt: Runtime, model: Transformer | None, tokenizer, mem: Plan) -> Run:
     """The data (every error in them before the weights load), the model with LoRA, optimizer, the resumed state
     if --resume, the wrapper, and the outputs."""
-    from checkpoint import load_model, load_tokenizer  # lazy: tests and benches pass their own model
+    from checkpoint import load_tokenizer  # lazy: tests and benches pass their own model
 
     out, largs = Path(targs.out), targs.lora_args()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(targs.checkpoint)
     loader, val_batches, counts = load_data(targs, tokenizer, rt)
     if model is None:
-        model = load_model(targs.checkpoint, dtype=rt.dtype, device=str(rt.device))
+        model = load_quantized(targs.checkpoint, targs.base_quant, dtype=rt.dtype, device=str(rt.device))
     raw = prepare_model(model, largs, targs, rt)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, weight_decay=targs.weight_decay)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from annotate import prompts
 from annotate.schema import ANNOTATION_SCHEMA, CLEAN_SCHEMA, EXTRACT_SCHEMA, SENTIMENT_SCHEMA
-from jsonl import read_jsonl
+from cli import parse_args
+from jsonl import read_jsonl, write_jsonl
 from llm import LLM, LLMArgs, LLMOutputError, validate
 from scrape.corpus import read_articles
 
@@ -164,12 +164,14 @@ def _load_done(out: Path, retry_failed: bool) -> set[str]:
     """URLs already in `out`; drops a line cut off by a crash (and failures, to retry them) from the file."""
     if not out.exists():
         return set()
-    records = [r for _, r in read_jsonl(out, drop_torn_tail=True)]
-    keep = [r for r in records if r.get("ok") or not retry_failed]
+    records = read_jsonl(out, drop_torn_tail=True)
+    for lineno, r in records:
+        if not isinstance(r.get("url"), str):
+            raise ValueError(f"{out}:{lineno}: an annotation needs a string 'url' (got {r.get('url')!r}); "
+                             f"fix or delete the line, or pass a new --out")
+    keep = [r for _, r in records if r.get("ok") or not retry_failed]
     if len(keep) < len(records):
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
-        os.replace(tmp, out)
+        write_jsonl(out, keep)
     return {r["url"] for r in keep}
 
 
@@ -193,7 +195,6 @@ def annotate_file(aargs: AnnotateArgs, largs: LLMArgs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cli import parse_args
     aargs, largs = parse_args(argv, AnnotateArgs, LLMArgs, description=__doc__)
     stats = annotate_file(aargs, largs)
     usage = stats.pop("usage")

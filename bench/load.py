@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class BenchArgs:
-    work_dir: Path = field(default=Path("/tmp/llm-bench-load"), metadata={"help": "where the 1B checkpoints go"})
+    work_dir: Path | None = field(default=None, metadata={
+        "help": "where the 1B checkpoints go (default: a folder in the system's temporary directory)"})
     dim: int = field(default=2048, metadata={"help": "model width of the generated checkpoint"})
     n_layers: int = field(default=16, metadata={"help": "layers of the generated checkpoint"})
     vocab_size: int = field(default=32000, metadata={"help": "vocabulary of the generated checkpoint"})
@@ -78,7 +80,8 @@ def generate_checkpoints(args: BenchArgs) -> dict[str, Path]:
 
     margs = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 128, vocab_size=args.vocab_size)
     tag = f"d{args.dim}-l{args.n_layers}-v{args.vocab_size}"
-    out = {k: args.work_dir / f"{tag}-{k}" for k in ("meta", "meta2", "hf")}
+    work_dir = args.work_dir or Path(tempfile.gettempdir()) / "llm-bench-load"
+    out = {k: work_dir / f"{tag}-{k}" for k in ("meta", "meta2", "hf")}
     if all((p / "done").is_file() for p in out.values()):
         return out
     with torch.device("meta"):

@@ -93,6 +93,22 @@ def _from_hf_key(key: str) -> str:
     return key
 
 
+BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
+
+
+def _read_config(path: Path, keys: tuple[str, ...]) -> dict:
+    """A JSON config holding `keys`; errors name the file and the key."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-export the sentence-transformers model") from None
+    missing = [k for k in keys if k not in cfg] if isinstance(cfg, dict) else ["(an object)"]
+    if missing:
+        raise ValueError(f"{path}: lacks {missing[0]!r}; is this a sentence-transformers BERT export?")
+    return cfg
+
+
 class BertEmbedder:
     """A sentence-transformers BERT encoder (mean pooling + L2 norm) from a directory of HF files."""
 
@@ -105,10 +121,10 @@ class BertEmbedder:
             if not (d / f).is_file():
                 raise FileNotFoundError(f"{d / f} missing: an embedder directory needs config.json, "
                                         "model.safetensors and tokenizer.json (a sentence-transformers export)")
-        cfg = json.loads((d / "config.json").read_text())
+        cfg = _read_config(d / "config.json", BERT_KEYS)
         st_cfg = d / "sentence_bert_config.json"
         # sentence-transformers truncates at its max_seq_length (256 for MiniLM), not at the tokenizer file's 128
-        self.max_len = (json.loads(st_cfg.read_text())["max_seq_length"] if st_cfg.is_file()
+        self.max_len = (_read_config(st_cfg, ("max_seq_length",))["max_seq_length"] if st_cfg.is_file()
                         else cfg["max_position_embeddings"])
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         self.tokenizer.no_padding()

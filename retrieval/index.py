@@ -16,14 +16,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from tqdm import tqdm
 
 from cli import parse_args
+from jsonl import atomic_write, read_jsonl, write_json, write_jsonl
 from retrieval.chunk import Chunk, ChunkArgs, chunk_article
 from scrape.corpus import read_articles
 
@@ -32,13 +33,6 @@ FORMAT = 1
 
 def _text_hash(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
-
-
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def topk_rows(scores: np.ndarray, k: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +70,7 @@ class Index:
     @property
     def embedder(self):
         if self._embedder is None:
-            from retrieval.embed import load_embedder
+            from retrieval.embed import load_embedder  # lazy: torch and a model only when embedding
             self._embedder = load_embedder(self.embedder_name)
         return self._embedder
 
@@ -89,8 +83,6 @@ class Index:
 
     def add(self, chunks: list[Chunk], batch_size: int = 64, progress: bool = False) -> int:
         """Embed and append the chunks whose text is not in the index yet; returns how many were added."""
-        from tqdm import tqdm
-
         new, seen = [], set()
         for c in chunks:
             h = _text_hash(c.text)
@@ -156,12 +148,11 @@ class Index:
         """Write the three files, each through a temporary file and os.replace; index.json goes last."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _replace_atomically(out / "embeddings.npy", lambda f: np.save(f, self.vectors))
-        lines = "".join(json.dumps(dataclasses.asdict(c), ensure_ascii=False) + "\n" for c in self.chunks)
-        _replace_atomically(out / "chunks.jsonl", lambda f: f.write(lines.encode()))
+        atomic_write(out / "embeddings.npy", lambda tmp: np.save(tmp, self.vectors))
+        write_jsonl(out / "chunks.jsonl", (dataclasses.asdict(c) for c in self.chunks))
         meta = dict(format=FORMAT, embedder=self.embedder_name, dim=int(self.vectors.shape[1]),
                     dtype=self.dtype.name, chunker=dataclasses.asdict(self.chunk_args), count=len(self.chunks))
-        _replace_atomically(out / "index.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        write_json(out / "index.json", meta, indent=1)
         return out
 
     @classmethod
@@ -171,19 +162,50 @@ class Index:
         if not (d / "index.json").is_file():
             raise FileNotFoundError(f"no index at {d} (index.json missing); build one with "
                                     f"`python -m retrieval.index --articles out/articles.jsonl --out {d}`")
-        meta = json.loads((d / "index.json").read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{d / 'index.json'}: format {meta.get('format')} unsupported (expected {FORMAT})")
-        index = cls(embedder or meta["embedder"], ChunkArgs(**meta["chunker"]), meta["dtype"])
-        vectors = np.load(d / "embeddings.npy", mmap_mode="r" if mmap else None)
-        with open(d / "chunks.jsonl", encoding="utf-8") as f:
-            chunks = [Chunk(**json.loads(line)) for line in f]
+        meta = _read_meta(d / "index.json")
+        try:
+            index = cls(embedder or meta["embedder"], ChunkArgs(**meta["chunker"]), meta["dtype"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{d / 'index.json'}: bad embedder/chunker/dtype ({e}); rebuild the index") from e
+        try:
+            vectors = np.load(d / "embeddings.npy", mmap_mode="r" if mmap else None)
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{d / 'embeddings.npy'}: unreadable ({e}); rebuild the index") from e
+        chunks = _read_chunks(d / "chunks.jsonl")
         if not len(vectors) == len(chunks) == meta["count"]:
             raise ValueError(f"{d}: {len(vectors)} vectors, {len(chunks)} chunks, index.json says {meta['count']}; "
                              "a write was interrupted: rebuild the index")
         index.vectors, index.chunks = vectors, chunks
         index._hashes = {_text_hash(c.text) for c in chunks}
         return index
+
+
+def _read_meta(path: Path) -> dict:
+    """index.json, checked for the keys `load` needs; errors name the file and the key."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); rebuild the index") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object; rebuild the index")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')} unsupported (expected {FORMAT})")
+    missing = [k for k in ("embedder", "chunker", "dtype", "count") if k not in meta]
+    if missing or not isinstance(meta["chunker"], dict):
+        raise ValueError(f"{path}: key {(missing or ['chunker'])[0]!r} missing or malformed; rebuild the index")
+    return meta
+
+
+def _read_chunks(path: Path) -> list[Chunk]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing; rebuild the index")
+    chunks = []
+    for lineno, row in read_jsonl(path):
+        try:
+            chunks.append(Chunk(**row))
+        except TypeError as e:
+            raise ValueError(f"{path}:{lineno}: not a chunk ({e}); rebuild the index") from None
+    return chunks
 
 
 @dataclass
@@ -209,8 +231,6 @@ class IndexArgs:
 
 def build_index(iargs: IndexArgs, cargs: ChunkArgs, progress: bool = False) -> tuple[Index, int, int]:
     """Create or extend the index at iargs.out with the articles not yet in it -> (index, articles, chunks added)."""
-    from tqdm import tqdm
-
     if (iargs.out / "index.json").is_file():
         index = Index.load(iargs.out)
         built = (index.embedder_name, dataclasses.asdict(index.chunk_args), index.dtype.name)

@@ -11,14 +11,16 @@ with whitespace collapsed), tags}, plus `aliases` (the feed's URL) when the page
 A rerun fetches only what is new: URLs already in the corpus (or given up on, in `<out>.state.json`) are skipped,
 unchanged feeds answer 304 to a conditional GET (validators in `<out>.http.json`). Records are appended and
 flushed one by one, so an interrupted run loses nothing. A failing page or source is logged and counted, never
-fatal.
+fatal. Only what cannot change by waiting is given up on (a 4xx, a real robots.txt Disallow, a page that is not an
+article); a host whose robots.txt is down (5xx or unreachable) is `deferred`: its URLs are tried on the next run.
+Links that a feed or a redirect points at loopback, private or link-local addresses are `refused`, unless the
+source's own feed URL is on such an address.
 """
 from __future__ import annotations
 
 import gzip
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,10 +29,11 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from cli import parse_args
+from jsonl import write_json
 from scrape.corpus import Corpus, canonical_url, text_sha256
 from scrape.extract import decode_html, extract_article
 from scrape.feeds import FeedItem, parse_date, parse_feed, parse_sitemap
-from scrape.http import Disallowed, FetchError, HttpArgs, PoliteSession
+from scrape.http import Disallowed, FetchError, HttpArgs, PoliteSession, Refused, RobotsUnavailable
 from scrape.sources import SOURCES, Source
 
 log = logging.getLogger("scrape")
@@ -95,60 +98,88 @@ def _record(article: dict, item_url: str, source: str, item: FeedItem | None = N
 
 
 class _State:
-    """`<out>.state.json`: URLs given up on for good (not articles, 4xx, robots) and what each feed or sitemap
-    listed last time (reused when it answers 304 Not Modified)."""
+    """`<out>.state.json`: URLs given up on for good (not articles, 4xx, a robots.txt Disallow) with the reason, and
+    what each feed or sitemap listed last time (reused when it answers 304 Not Modified)."""
+
+    # Before robots.txt outages were told apart from real rules, both were saved as "robots.txt": such URLs are
+    # checked again (a real Disallow costs no page request, robots.txt is read once per host and run).
+    AMBIGUOUS = {"robots.txt"}
 
     def __init__(self, path: Path):
         self.path = path
         try:
             data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e}); delete it (the corpus itself is enough to resume)") from e
-        self.skip: dict[str, str] = data.get("skip", {})
-        self.feeds: dict[str, list] = data.get("feeds", {})
+        self.skip: dict[str, str] = self._section(data, "skip", str)
+        self.feeds: dict[str, dict] = self._section(data, "feeds", dict)
+        self.skip = {url: why for url, why in self.skip.items() if why not in self.AMBIGUOUS}
+
+    def _section(self, data, key: str, kind: type) -> dict:
+        fix = "delete the file (the corpus itself is enough to resume)"
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.path}: expected a JSON object with 'skip' and 'feeds'; {fix}")
+        section = data.get(key, {})
+        if not isinstance(section, dict):
+            raise ValueError(f"{self.path}: key {key!r} must be an object, got {type(section).__name__}; {fix}")
+        for name, value in section.items():
+            if not isinstance(value, kind) or (kind is dict and not {"items", "children"} <= set(value)):
+                raise ValueError(f"{self.path}: {key}[{name!r}] is malformed ({str(value)[:60]}); {fix}")
+        return section
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"skip": self.skip, "feeds": self.feeds}, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json(self.path, {"skip": self.skip, "feeds": self.feeds}, indent=None)
 
 
 def _item_to_json(i: FeedItem) -> dict:
     return {**asdict(i), "published": i.published.isoformat() if i.published else None}
 
 
-def _item_from_json(d: dict) -> FeedItem:
-    return FeedItem(**{**d, "published": parse_date(d["published"])})
+def _item_from_json(d: dict, state: _State, url: str) -> FeedItem:
+    try:
+        return FeedItem(**{**d, "published": parse_date(d["published"])})
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{state.path}: feeds[{url!r}] holds a malformed item ({e}); delete the file") from e
+
+
+def _fetch_listing(http: PoliteSession, url: str, kind: str, origin: str, state: _State,
+                   stats: dict) -> tuple[list[FeedItem], list[str]]:
+    """The items and child sitemaps one feed or sitemap lists now (a 304 reuses those stored last time)."""
+    page = http.get(url, conditional=True, origin=origin)
+    if page.not_modified and url not in state.feeds:
+        http.forget(url)  # the HTTP state outlived the scrape state: ask for the whole body again
+        page = http.get(url, conditional=True, origin=origin)
+    if page.not_modified:
+        stats["not_modified"] += 1
+        return [_item_from_json(d, state, url) for d in state.feeds[url]["items"]], state.feeds[url]["children"]
+    if kind == "feed":
+        return parse_feed(page.content, page.url), []
+    return parse_sitemap(page.content, page.url)
 
 
 def discover(http: PoliteSession, source: Source, state: _State, stats: dict) -> list[FeedItem]:
-    """All items the source's feeds and sitemaps list now (a 304 reuses the items stored last time)."""
+    """All items the source's feeds and sitemaps list now, each with the start URL that led to it."""
     items: list[FeedItem] = []
-    queue = [(u, "feed") for u in source.feeds] + [(u, "sitemap") for u in source.sitemaps]
+    queue = [(u, "feed", u) for u in source.feeds] + [(u, "sitemap", u) for u in source.sitemaps]
     children = 0
     while queue:
-        url, kind = queue.pop(0)
+        url, kind, origin = queue.pop(0)
         try:
-            page = http.get(url, conditional=True)
-            if page.not_modified and url not in state.feeds:
-                http.forget(url)  # the HTTP state outlived the scrape state: ask for the whole body again
-                page = http.get(url, conditional=True)
-            if page.not_modified:
-                stats["not_modified"] += 1
-                found = [_item_from_json(d) for d in state.feeds[url]["items"]]
-                more = state.feeds[url]["children"]
-            elif kind == "feed":
-                found, more = parse_feed(page.content, page.url), []
-            else:
-                found, more = parse_sitemap(page.content, page.url)
+            found, more = _fetch_listing(http, url, kind, origin, state, stats)
+        except RobotsUnavailable as e:
+            stats["deferred"] += 1
+            log.warning("%s: %s %s deferred to the next run: %s", source.name, kind, url, e.reason)
+            continue
         except (FetchError, ValueError) as e:
-            stats["failed"] += 1
+            stats["refused" if isinstance(e, Refused) else "failed"] += 1
             log.warning("%s: %s %s failed: %s", source.name, kind, url, e)
             continue
+        for item in found:
+            item.origin = item.origin or origin
         state.feeds[url] = {"items": [_item_to_json(i) for i in found], "children": more}
         items += found
         for child in more[: max(0, MAX_CHILD_SITEMAPS - children)]:
-            queue.append((child, "sitemap"))
+            queue.append((child, "sitemap", origin))
             children += 1
     return items
 
@@ -177,32 +208,46 @@ def _select(items: list[FeedItem], corpus: Corpus, state: _State, args: ScrapeAr
     return out[: args.max_per_source] if args.max_per_source else out
 
 
+STATS = ("new", "known", "too_old", "duplicate", "not_article", "disallowed", "deferred", "refused", "failed",
+         "not_modified")
+
+
+def _fetch_record(http: PoliteSession, source: Source, item: FeedItem, state: _State, stats: dict) -> dict | None:
+    """The record of one listed article, or None (counted, and remembered when waiting cannot change it)."""
+    key = canonical_url(item.url)
+    try:
+        page = http.get(item.url, origin=item.origin)
+        html = decode_html(page.content, page.encoding)
+        article = extract_article(html, page.url, body_xpath=source.body_xpath)
+        return _record(article, item.url, source.name, item)
+    except RobotsUnavailable:
+        stats["deferred"] += 1  # robots.txt is down: disallowed for now, not for good (logged once per host)
+    except Disallowed:
+        stats["disallowed"] += 1
+        state.skip[key] = "disallowed by robots.txt"
+    except Refused as e:
+        stats["refused"] += 1
+        log.warning("%s: %s", source.name, e)
+    except FetchError as e:
+        stats["failed"] += 1
+        log.warning("%s: %s", source.name, e)
+        if e.status is not None and 400 <= e.status < 500 and e.status != 429:
+            state.skip[key] = f"HTTP {e.status}"  # gone for good; 429 and 5xx are worth another run
+    except ValueError as e:  # an unparsable page or a malformed canonical URL
+        stats["failed"] += 1
+        log.warning("%s: %s: %s", source.name, item.url, e)
+    return None
+
+
 def scrape_source(http: PoliteSession, source: Source, corpus: Corpus, state: _State, args: ScrapeArgs) -> dict:
     """Discover, fetch and extract one source's new articles; returns its counts."""
-    stats = dict.fromkeys(("new", "known", "too_old", "duplicate", "not_article", "disallowed", "failed",
-                           "not_modified"), 0)
+    stats = dict.fromkeys(STATS, 0)
     todo = _select(discover(http, source, state, stats), corpus, state, args, stats)
     for item in tqdm(todo, desc=source.name, unit="page", leave=False):
+        record = _fetch_record(http, source, item, state, stats)
+        if record is None:
+            continue
         key = canonical_url(item.url)
-        try:
-            page = http.get(item.url)
-            html = decode_html(page.content, page.encoding)
-            article = extract_article(html, page.url, body_xpath=source.body_xpath)
-            record = _record(article, item.url, source.name, item)
-        except Disallowed:
-            stats["disallowed"] += 1
-            state.skip[key] = "robots.txt"
-            continue
-        except FetchError as e:
-            stats["failed"] += 1
-            log.warning("%s: %s", source.name, e)
-            if e.status is not None and 400 <= e.status < 500 and e.status != 429:
-                state.skip[key] = f"HTTP {e.status}"  # gone for good; 429 and 5xx are worth another run
-            continue
-        except ValueError as e:  # an unparsable page or a malformed canonical URL
-            stats["failed"] += 1
-            log.warning("%s: %s: %s", source.name, item.url, e)
-            continue
         if len(record["text"]) < args.min_chars:
             stats["not_article"] += 1
             state.skip[key] = f"{len(record['text'])} chars of text"
@@ -217,6 +262,8 @@ def scrape_source(http: PoliteSession, source: Source, corpus: Corpus, state: _S
         else:
             stats["duplicate"] += 1
             state.skip[key] = "duplicate text"
+    if stats["deferred"]:
+        log.warning("%s: %d URLs deferred to the next run (robots.txt unavailable)", source.name, stats["deferred"])
     return stats
 
 

@@ -26,6 +26,8 @@ def canonical_url(url: str) -> str:
     """Lower-case scheme and host, no default port, no fragment, no tracking parameters, no trailing `/amp`."""
     parts = urlsplit(url.strip())
     host = (parts.hostname or "").lower()
+    if ":" in host:  # an IPv6 literal keeps its brackets, or the netloc reads as host:port
+        host = f"[{host}]"
     if parts.port and not (parts.scheme, parts.port) in (("http", 80), ("https", 443)):
         host = f"{host}:{parts.port}"
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)

@@ -26,6 +26,7 @@ class FeedItem:
     published: datetime | None = None
     author: str | None = None
     tags: list[str] = field(default_factory=list)
+    origin: str | None = None  # the start URL (a source's feed or sitemap) that led here, for the address guard
 
 
 def parse_date(value: str | None) -> datetime | None:

@@ -138,7 +138,7 @@ def bootstrap(llm, path: Path, human: list[str], crypto: list[str], *, target: i
     for inst in human + crypto:
         filt.add(inst)
     machine: list[str] = []
-    done = read_jsonl(path)
+    done = read_jsonl(path, ("kept", "rejected"))
     for row in done:
         for inst in row["kept"]:
             filt.add(inst)

@@ -124,7 +124,7 @@ def to_record(kind: str, obj: dict, text: str, instruction: str) -> dict:
 
 def ground(llm, path: Path, articles: list[dict], kinds=KINDS, max_chars: int = 3000) -> list[dict]:
     """One grounded record (or a counted failure) per article and kind; one JSONL line each in `path`."""
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, ("url", "kind", "ok"))
     done = {(r["url"], r["kind"]) for r in rows}
     todo = [(a, k) for a in articles for k in kinds if (a["url"], k) not in done]
 

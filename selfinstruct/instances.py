@@ -130,7 +130,8 @@ def parse_instances(text: str, is_classification: bool, truncated: bool) -> tupl
 
 def classify(llm, path: Path, seeds: list[dict], instructions: list[str], chat: bool = True) -> dict[str, bool]:
     """Is-classification for each instruction; one JSONL line per instruction in `path` (resumable)."""
-    labels = {row["instruction"]: row["is_classification"] for row in read_jsonl(path)}
+    rows = read_jsonl(path, ("instruction", "is_classification"))
+    labels = {row["instruction"]: row["is_classification"] for row in rows}
     todo = [inst for inst in instructions if inst not in labels]
 
     def ask(inst):
@@ -150,7 +151,7 @@ def classify(llm, path: Path, seeds: list[dict], instructions: list[str], chat: 
 
 def generate_instances(llm, path: Path, seeds: list[dict], labels: dict[str, bool], chat: bool = True) -> list[dict]:
     """Instances for each instruction; one JSONL line per instruction in `path` (resumable)."""
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, ("instruction", "instances", "dropped"))
     done = {row["instruction"] for row in rows}
     todo = [inst for inst in labels if inst not in done]
 

@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli import parse_args
+from jsonl import write_json
 from llm import LLM, LLMArgs
 from scrape.corpus import read_articles
 from selfinstruct.bootstrap import bootstrap
@@ -94,7 +96,7 @@ class SelfInstructArgs:
 
 def _stats(boot: list[dict], labels_path: Path, instance_rows: list[dict], grounded: list[dict],
            prep_removed: Counter, counts: dict, usage: dict) -> dict:
-    labels = read_jsonl(labels_path)
+    labels = read_jsonl(labels_path, ("is_classification", "unclear"))
     grounded_failed = Counter(r["kind"] for r in grounded if not r["ok"])
     return {
         "bootstrap": {"requests": len(boot), "kept": sum(len(r["kept"]) for r in boot),
@@ -135,14 +137,13 @@ def run(args: SelfInstructArgs, llm: LLM) -> dict:
                                      args.max_instances, args.seed)
     general = load_general(args.mix, args.download_dir) if args.mix and args.domain_ratio < 1 else None
     counts = prepare(out, domain, general, args.domain_ratio, args.val_fraction, args.seed)
-    stats = _stats(read_jsonl(out / "bootstrap.jsonl"), out / "is_classification.jsonl", instance_rows, grounded,
-                   removed, counts, llm.usage)
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    boot = read_jsonl(out / "bootstrap.jsonl", ("kept", "rejected"))
+    stats = _stats(boot, out / "is_classification.jsonl", instance_rows, grounded, removed, counts, llm.usage)
+    write_json(out / "stats.json", stats)
     return stats
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cli import parse_args
     args, largs = parse_args(argv, SelfInstructArgs, LLMArgs, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with LLM(largs) as llm:

@@ -16,8 +16,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from jsonl import parse_jsonl
-from selfinstruct.store import download, write_jsonl
+from jsonl import parse_jsonl, write_jsonl
+from selfinstruct.store import download
 
 SOURCES = {
     "alpaca": ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
@@ -30,10 +30,14 @@ SOURCES = {
 def _records(path: Path) -> list[dict]:
     """Alpaca-style records from a JSON list or a JSONL file, each with instruction, input, output."""
     text = path.read_text(encoding="utf-8")
-    rows = json.loads(text) if text.lstrip().startswith("[") else [r for _, r in parse_jsonl(text, path)]
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [r for _, r in parse_jsonl(text, path)]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno} ({e.msg}); delete the file "
+                         f"to download it again") from None
     out = []
     for i, r in enumerate(rows):
-        if not all(isinstance(r.get(k), str) for k in ("instruction", "input", "output")):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("instruction", "input", "output")):
             raise ValueError(f"{path}: record {i} lacks string fields instruction, input, output")
         out.append({"instruction": r["instruction"].strip(), "input": r["input"].strip(),
                     "output": r["output"].strip()})

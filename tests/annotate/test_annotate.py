@@ -248,3 +248,13 @@ def test_done_file_keeps_records_whose_text_holds_line_separators(tmp_path):
                    encoding="utf-8")  # the last write was cut off by a crash
     assert pipeline._load_done(out, retry_failed=False) == {"u1", "u2"}
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n")[:-1]] == recs
+
+
+def test_done_file_without_urls_names_file_and_line(tmp_path):
+    out = tmp_path / "annotations.jsonl"
+    out.write_text('{"url": "u1", "ok": false}\n{"ok": true}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"annotations.jsonl:2: an annotation needs a string 'url'"):
+        pipeline._load_done(out, retry_failed=True)
+    out.write_text('{"url": "u1", "ok": false}\n{"url": "u2", "ok": true}\n', encoding="utf-8")
+    assert pipeline._load_done(out, retry_failed=True) == {"u2"}  # the failure is dropped, to be redone
+    assert [json.loads(line)["url"] for line in out.read_text().splitlines()] == ["u2"]

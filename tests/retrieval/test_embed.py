@@ -116,3 +116,14 @@ def test_openai_embedder_through_llm(monkeypatch):
         v = emb.encode(["a", "b"])
     assert emb.name == "openai:text-embedding-3-small" and emb.dim == 3
     np.testing.assert_allclose(v, [[0.6, 0.8, 0.0]] * 2, atol=1e-6)
+
+
+def test_bert_config_errors_name_file_and_key(tmp_path):
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
+        BertEmbedder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match=r"config.json: lacks 'vocab_size'"):
+        BertEmbedder(tmp_path)

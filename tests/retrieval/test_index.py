@@ -159,3 +159,28 @@ def test_cli_rejects_bad_input(tmp_path):
         build_index(IndexArgs(articles=bad, out=tmp_path / "ix"), ChunkArgs())
     with pytest.raises(SystemExit):
         main(["--articles", str(tmp_path / "nope.jsonl")])
+
+
+def test_load_names_the_broken_file_and_key(tmp_path):
+    index = Index(HashingEmbedder(16))
+    index.add(_chunks(["alpha beta", "gamma delta"]))
+    ix = index.save(tmp_path / "ix")
+    meta = json.loads((ix / "index.json").read_text())
+    (ix / "index.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"index.json: not valid JSON"):
+        Index.load(ix)
+    (ix / "index.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "chunker"}))
+    with pytest.raises(ValueError, match=r"index.json: key 'chunker' missing"):
+        Index.load(ix)
+    (ix / "index.json").write_text(json.dumps(meta | {"chunker": {"chunk_size": "big", "nope": 1}}))
+    with pytest.raises(ValueError, match=r"index.json: bad embedder/chunker/dtype"):
+        Index.load(ix)
+    (ix / "index.json").write_text(json.dumps(meta))
+    lines = (ix / "chunks.jsonl").read_text().splitlines()
+    (ix / "chunks.jsonl").write_text(lines[0] + "\n" + '{"text": "no url"}\n')
+    with pytest.raises(ValueError, match=r"chunks.jsonl:2: not a chunk"):
+        Index.load(ix)
+    (ix / "chunks.jsonl").write_text("\n".join(lines) + "\n")
+    (ix / "embeddings.npy").write_bytes(b"\x93NUMPY broken")
+    with pytest.raises(ValueError, match=r"embeddings.npy: unreadable"):
+        Index.load(ix)

@@ -128,6 +128,8 @@ def test_canonical_url():
         "https://www.example.com/a/b?id=3"
     assert canonical_url("http://example.com:8080/news/x/amp") == "http://example.com:8080/news/x"
     assert canonical_url("http://example.com") == "http://example.com/"
+    assert canonical_url("http://[::1]:8080/x") == "http://[::1]:8080/x"  # IPv6 literals keep their brackets
+    assert canonical_url("http://[::1]/") == "http://[::1]/"
     assert text_sha256("a  b\n\nc") == text_sha256("a b c")
 
 

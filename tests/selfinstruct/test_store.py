@@ -105,3 +105,23 @@ def test_seed_files(tmp_path, shared_data):
         load_seed_tasks(bad)
     with pytest.raises(FileNotFoundError, match="--seed-tasks"):
         load_seed_tasks(tmp_path / "none.jsonl")
+
+
+def test_a_state_record_without_its_keys_names_file_line_and_key(tmp_path):
+    path = tmp_path / "is_classification.jsonl"
+    path.write_text('{"instruction": "a", "is_classification": true}\n{"instruction": "b"}\n')
+    assert len(read_jsonl(path, ("instruction",))) == 2
+    with pytest.raises(ValueError, match=r"is_classification.jsonl:2: state record lacks 'is_classification'"):
+        read_jsonl(path, ("instruction", "is_classification"))
+
+
+def test_a_broken_general_set_names_its_file_and_line(tmp_path):
+    from selfinstruct.prepare import _records
+
+    path = tmp_path / "alpaca_data.json"
+    path.write_text('[{"instruction": "a", "input": "", "output": "b"},\n {"instruction": ')
+    with pytest.raises(ValueError, match=r"alpaca_data.json: invalid JSON at line 2"):
+        _records(path)
+    path.write_text('[{"instruction": "a", "input": "", "output": "b"}, 3]')
+    with pytest.raises(ValueError, match=r"alpaca_data.json: record 1 lacks"):
+        _records(path)
