@@ -278,13 +278,17 @@ class RunningBatch:
     them to the running rows, `step` samples one token for every live row, and finished rows leave. generate_ids
     drives it, and so does serve.py's Batcher, which adds queued requests between steps.
 
-    Rows are right-aligned on a shared cache slot: a row's tokens fill slots [slot - pos, slot), where pos is its next
-    RoPE position; the slots before have document id 0 (masked), so every row decodes as it would alone."""
+    Rows are right-aligned on a shared cache slot: a row's tokens fill slots [slot - span, slot), where span is pos
+    (its next RoPE position) plus any padding between a shared prompt prefix and the row's own rest; every other
+    slot has document id 0 (masked), so every row decodes as it would alone. Prompts that share a long prefix (a
+    few-shot template, the same instructions) compute it once: it fills the first slots, and each row's rest
+    follows it after its left padding."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.slot = self.size = 0  # the next cache slot to write; the cache's slots
         self.pos = torch.zeros(0, dtype=torch.long)  # each live row's next RoPE position
+        self.span = torch.zeros(0, dtype=torch.long)  # each live row's slots: pos, plus padding after a shared prefix
         self.logits: torch.Tensor | None = None  # (rows, V) next-token logits of the live rows
         self.state: _SamplingState | None = None  # sampling settings of the live rows; holds the rows
 
@@ -297,7 +301,7 @@ class RunningBatch:
         """(slot, size) of the cache once prompts join: they end at the running slot, a longer prompt moves the
         running rows right, and every row's remaining budget fits after the slot."""
         _check_prompts(prompts, self.model.args.max_seq_len)
-        slot = max(self.slot, *map(len, prompts))
+        slot = max(self.slot, _shared_prefix(prompts)[1])
         left = [r.budget - len(r.ids) for r in self.rows] + [_budget(p, a, self.model) for p, a in zip(prompts, args)]
         return slot, slot + max(left)
 
@@ -314,33 +318,51 @@ class RunningBatch:
         if size > self.model.args.max_seq_len:
             raise ValueError(f"these prompts need {size} cache slots beside the running rows (max_seq_len="
                              f"{self.model.args.max_seq_len}); add them when fits() says so")
-        model, T = self.model, max(map(len, prompts))
-        device = model.tok_embeddings.weight.device
+        model = self.model
         rows = [_Row(self.tokenizer, a, len(p), _budget(p, a, model), s) for p, a, s in zip(prompts, args, seeds)]
         state, lens = _SamplingState(rows, prompts, model.args.vocab_size), torch.tensor([len(p) for p in prompts])
         running = None
         if self.rows:  # move the running rows to end at the new slot, with room for every budget, and set them aside
             self._move(slot, size)
             running = model.take_cache()
-        tokens, docs, positions = left_pad(prompts)
         try:
-            model.setup_cache(len(rows), T + size - slot)
-            logits = model(tokens.to(device), positions=_to(positions, device), doc_ids=_to(docs, device),
-                           last_only=True)[:, -1]
-            model.resize_cache(slot - T, 0)
+            logits, span = self._prefill(prompts, size - slot)
+            model.resize_cache(slot - span, 0)
         except BaseException:
             model.clear_cache()
             raise
         finally:
             if running is not None:
                 model.join_cache(running)
+        # a row's slots: its own tokens, or after a shared prefix the same for all (the padding sits inside)
+        spans = torch.full_like(lens, span) if _shared_prefix(prompts)[0] else lens
         if self.rows:
             self.logits, self.pos = torch.cat([self.logits, logits]), torch.cat([self.pos, lens])
+            self.span = torch.cat([self.span, spans])
             self.state.join(state)
         else:
-            self.logits, self.pos, self.state = logits, lens, state
+            self.logits, self.pos, self.span, self.state = logits, lens, spans, state
         self.slot, self.size = slot, size
         return rows
+
+    def _prefill(self, prompts: list[list[int]], room: int) -> tuple[torch.Tensor, int]:
+        """Set up a cache for prompts alone, with `room` slots after them; (last logits, slots they fill). A long
+        shared prefix runs once and its keys and values are copied to every row, as in score_options."""
+        model, (prefix, span) = self.model, _shared_prefix(prompts)
+        device = model.tok_embeddings.weight.device
+        if not prefix:
+            tokens, docs, positions = left_pad(prompts)
+            model.setup_cache(len(prompts), span + room)
+            return model(tokens.to(device), positions=_to(positions, device), doc_ids=_to(docs, device),
+                         last_only=True)[:, -1], span
+        model.setup_cache(1, span + room)
+        model(torch.tensor([prompts[0][:prefix]], device=device), last_only=True)
+        model.select_cache_rows(torch.zeros(len(prompts), dtype=torch.long, device=device))
+        tokens, docs, positions = left_pad([p[prefix:] for p in prompts], start=prefix)
+        if positions is None:
+            positions = prefix + torch.arange(tokens.shape[1]).expand_as(tokens)
+        return model(tokens.to(device), start_pos=prefix, positions=positions.to(device), doc_ids=_to(docs, device),
+                     last_only=True)[:, -1], span
 
     @torch.inference_mode()
     def step(self) -> list[tuple[_Row, str]]:
@@ -361,22 +383,23 @@ class RunningBatch:
             return events
         if len(keep) < len(self.rows):  # finished rows leave: later steps compute only the live ones
             idx = torch.tensor(keep)
-            self.pos, nxt = self.pos[idx], nxt[idx]
+            self.pos, self.span, nxt = self.pos[idx], self.span[idx], nxt[idx]
             self.state.keep(idx)
             self.model.select_cache_rows(idx.to(self.logits.device))
-            last = int(self.pos.max())
+            last = int(self.span.max())
             if last < self.slot:  # the slots before slot - last are nobody's any more
                 self._move(last, self.size - self.slot + last)
         device = self.logits.device
         self.logits = self.model(nxt[:, None].to(device), start_pos=self.slot, positions=self.pos[:, None].to(device),
                                  last_only=True)[:, -1]
-        self.pos, self.slot = self.pos + 1, self.slot + 1
+        self.pos, self.span, self.slot = self.pos + 1, self.span + 1, self.slot + 1
         return events
 
     def close(self) -> None:
         """Drop every row and the cache."""
         self.model.clear_cache()
-        self.slot, self.size, self.pos, self.logits, self.state = 0, 0, self.pos[:0], None, None
+        self.slot, self.size, self.logits, self.state = 0, 0, None, None
+        self.pos, self.span = self.pos[:0], self.span[:0]
 
     def _move(self, slot: int, size: int) -> None:
         """Make the running rows end at cache slot `slot` (adding or dropping slots before them) in `size` slots."""
@@ -653,6 +676,17 @@ def _check_prompts(prompts: list[list[int]], max_len: int) -> None:
 def _budget(prompt: list[int], args: GenerateArgs, model) -> int:
     """Most tokens a row may generate: max_new_tokens, within max_seq_len positions (as the prompt alone)."""
     return min(args.max_new_tokens, model.args.max_seq_len - len(prompt))
+
+
+# a shared prompt prefix shorter than this is prefilled with each row: one more forward pass would cost more
+MIN_SHARED_PREFIX = 32
+
+
+def _shared_prefix(prompts: list[list[int]]) -> tuple[int, int]:
+    """(shared prefix computed once, or 0; cache slots the prompts fill: prefix + the longest rest)."""
+    prefix = _common_prefix(prompts) if len(prompts) > 1 else 0
+    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    return prefix, prefix + max(len(p) - prefix for p in prompts)
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:

@@ -279,8 +279,7 @@ def checkpoints(out: Path) -> list[Path]:
 
 def check_out(out: Path, targs: TrainArgs, rt: Runtime) -> None:
     """Refuse to start a new run over an old one: --resume continues it, --overwrite deletes it first."""
-    used = [p for p in (out / "checkpoints", out / "adapter" / "adapter.safetensors")
-            if p.exists() and (p.is_file() or any(p.iterdir()))]
+    used = checkpoints(out)[-1:] + [p for p in [out / "adapter" / "adapter.safetensors"] if p.is_file()]
     if targs.resume and targs.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one of them")
     # one decision for all ranks (each sees its own disk on several nodes), taken before rank 0 empties the folder
@@ -473,16 +472,12 @@ class Run:
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def base_kind(model: Transformer) -> str | None:
-    """The kind of the frozen block weights (memory_plan.BASE_BYTES), from the first frozen weight of a block."""
-    frozen = next(p for p in model.layers[0].parameters() if not p.requires_grad)
-    return DTYPE_NAMES.get(frozen.dtype)
-
-
 def memory_plan(targs: TrainArgs, margs: ModelArgs, rt: Runtime, base: str | None = None) -> Plan:
-    """The per-rank memory plan of this run's flags (the frozen base kind from the loaded weights when known)."""
+    """The per-rank memory plan of this run's flags; base: the frozen weights' kind (memory_plan.BASE_BYTES), by
+    default --base-quant or else the compute dtype, which prepare_model casts the base to."""
     precision = DTYPE_NAMES[rt.dtype]
-    return plan(Setup(margs, targs.lora_args(), targs.micro_batch_size, targs.max_len, precision, base or precision,
+    base = base or (targs.base_quant if targs.base_quant != "none" else precision)
+    return plan(Setup(margs, targs.lora_args(), targs.micro_batch_size, targs.max_len, precision, base,
                       rt.world_size, targs.strategy, targs.activation_checkpointing, targs.pack,
                       attention_kernel(rt.device, rt.dtype, margs, masked=targs.pack)))
 
@@ -493,28 +488,19 @@ def print_plan(p: Plan, rt: Runtime) -> None:
         print("\n".join(p.lines(total, name)), flush=True)
 
 
-def load_base(targs: TrainArgs, rt: Runtime, model: Transformer | None, tokenizer) -> tuple[Transformer, object]:
-    """The model and tokenizer of --checkpoint unless given, checked against --max-len."""
-    if model is None or tokenizer is None:
-        from checkpoint import load_tokenizer  # lazy: tests and benches pass their own model
+def start_run(targs: TrainArgs, rt: Runtime, model: Transformer | None, tokenizer, mem: Plan) -> Run:
+    """The data (every error in them before the weights load), the model with LoRA, optimizer, the resumed state
+    if --resume, the wrapper, and the outputs."""
+    from checkpoint import load_tokenizer  # lazy: tests and benches pass their own model
 
-        model = load_quantized(targs.checkpoint, targs.base_quant, dtype=rt.dtype, device=str(rt.device))
-        tokenizer = load_tokenizer(targs.checkpoint)
-    if targs.max_len > model.args.max_seq_len:
-        raise ValueError(f"--max-len={targs.max_len} exceeds the model's max_seq_len={model.args.max_seq_len}")
-    return model, tokenizer
-
-
-def start_run(targs: TrainArgs, rt: Runtime, model: Transformer, tokenizer) -> Run:
-    """The memory plan (printed), LoRA on the model, optimizer, data, the resumed state if --resume, the wrapper,
-    and the outputs."""
     out, largs = Path(targs.out), targs.lora_args()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(targs.checkpoint)
+    loader, val_batches, counts = load_data(targs, tokenizer, rt)
+    if model is None:
+        model = load_quantized(targs.checkpoint, targs.base_quant, dtype=rt.dtype, device=str(rt.device))
     raw = prepare_model(model, largs, targs, rt)
-    mem = memory_plan(targs, raw.args, rt, base_kind(raw))
-    print_plan(mem, rt)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, weight_decay=targs.weight_decay)
-    loader, val_batches, counts = load_data(targs, tokenizer, rt)
     total = targs.max_steps or targs.epochs * loader.steps_per_epoch
     torch.manual_seed(targs.seed + 1 + rt.rank)  # dropout differs across ranks, the LoRA init (above) does not
     step = load_checkpoint(out, raw, optimizer, loader, rt) if targs.resume else 0
@@ -571,11 +557,15 @@ def train(targs: TrainArgs, model: Transformer | None = None, tokenizer=None) ->
 
     rt = setup_runtime(targs.device, targs.precision)
     load_records(targs.data)  # names the file, line and field of a bad record, before minutes of model loading
-    if targs.dry_run:  # the plan from the config alone: no weights loaded, nothing written
-        print_plan(memory_plan(targs, model.args if model else model_args_of(targs.checkpoint), rt), rt)
+    margs = model.args if model is not None else model_args_of(targs.checkpoint)  # the config only: no weights
+    if targs.max_len > margs.max_seq_len:
+        raise ValueError(f"--max-len={targs.max_len} exceeds the model's max_seq_len={margs.max_seq_len}")
+    mem = memory_plan(targs, margs, rt)
+    print_plan(mem, rt)  # the first lines of every run
+    if targs.dry_run:  # the plan alone: nothing loaded, nothing written
         return Path(targs.out)
-    check_out(Path(targs.out), targs, rt)  # also before the model loads
-    run = start_run(targs, rt, *load_base(targs, rt, model, tokenizer))
+    check_out(Path(targs.out), targs, rt)
+    run = start_run(targs, rt, model, tokenizer, mem)
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     G = targs.micro_batch_size * targs.grad_accum * rt.world_size

@@ -57,6 +57,7 @@ class CheckArgs:
     tests: bool = field(default=True, metadata={"help": "run tests/test_cuda.py first"})
     out: str = field(default="out/gpu_check.json", metadata={"help": "JSON file of every figure"})
     mode: Literal["all", "train", "decode"] = field(default="all", metadata={"help": "which benchmarks to run"})
+    budget_s: float = field(default=450, metadata={"help": "start no measurement after this many seconds"})
 
     def __post_init__(self):
         unknown = [m for m in self.models if m not in ("1b", "7b")]
@@ -261,7 +262,7 @@ def train_ours(margs: ModelArgs, precision: str, device: torch.device, args: Che
         train_ddp.optimizer_step(params, optimizer, rt, targs)
 
     seconds, peak = timed_steps(step, args.train_steps, device)
-    plan = train_ddp.memory_plan(targs, margs, rt, train_ddp.base_kind(model))
+    plan = train_ddp.memory_plan(targs, margs, rt)
     del model, optimizer, params
     free(device)
     return {"tok_s": B * T / seconds, "peak_bytes": peak, "plan_bytes": plan.total, "plan": plan.as_dict()}
@@ -425,9 +426,14 @@ def decode_lines(key: str, fig: dict) -> list[str]:
             f"{fig['bound_16']:.1f} tok/s)"]
 
 
-def section(figures: dict, lines: list[str], key: str, fn, to_lines) -> None:
-    """Run one measurement; a failure (out of memory, a missing package) is recorded and the check goes on."""
+def section(figures: dict, lines: list[str], key: str, fn, to_lines, deadline: float = math.inf) -> None:
+    """Run one measurement; a failure (out of memory, a missing package) is recorded and the check goes on. Past
+    the deadline (a slow GPU) the measurement is left out, and says so."""
     t = time.perf_counter()
+    if t > deadline:
+        figures[key] = {"skipped": "over --budget-s"}
+        lines.append(f"{key}: skipped, over --budget-s (goal all measured; raise it or pass fewer --models)")
+        return
     try:
         fig = fn()
     except Exception as e:  # noqa: BLE001 - one failed part must not hide the figures of the others
@@ -458,11 +464,11 @@ def run(args: CheckArgs) -> tuple[dict, list[str]]:
             key = f"{name}_{precision}"
             if args.mode in ("all", "train"):
                 section(figures, lines, f"train_{key}", lambda: train_pair(name, precision, device, args, env),
-                        lambda f, key=key: train_lines(key, f))
+                        lambda f, key=key: train_lines(key, f), t0 + args.budget_s)
             if args.mode in ("all", "decode"):
                 section(figures, lines, f"decode_{key}", lambda: decode_pair(name, precision, device, args,
                                                                               bandwidth),
-                        lambda f, key=key: decode_lines(key, f))
+                        lambda f, key=key: decode_lines(key, f), t0 + args.budget_s)
     figures["seconds"] = time.perf_counter() - t0
     lines.append(f"gpu_check_seconds: {figures['seconds']:.0f} (goal <= 480 on one GPU)")
     return figures, lines

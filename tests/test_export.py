@@ -177,8 +177,8 @@ def test_gguf_needs_a_tokenizer_that_fits(embedded, tmp_path):
 # ---------------------------------------------------------------------------------------------- lora.py merge
 def adapted(model: Transformer, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"), seed: int = 1) -> LoraArgs:
     largs = LoraArgs(r=4, alpha=8.0, dropout=0.0, targets=targets)
+    torch.manual_seed(seed)  # before apply_lora: it draws A
     apply_lora(model, largs)
-    torch.manual_seed(seed)
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.normal_(0, 0.05)  # B = 0 would make the merge a no-op

@@ -48,3 +48,13 @@ def test_tiny_cpu_check_runs_every_part(tmp_path, capsys):
 def test_a_cpu_without_tiny_is_refused():
     with pytest.raises(SystemExit, match="--device cpu --tiny"):
         gpu_check.main(["--device", "cpu"])
+
+
+def test_measurements_past_the_budget_are_left_out_and_say_so(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--no-tests", "--models", "1b", "--precisions", "fp32",
+                           "--budget-s", "0", "--out", str(out)]) == 0
+    lines = json.loads(out.read_text())["lines"]
+    assert lines[:2] == [f"{part}_1b_fp32: skipped, over --budget-s (goal all measured; raise it or pass fewer "
+                         f"--models)" for part in ("train", "decode")]
+    assert all(LINE.match(line) for line in lines)

@@ -12,7 +12,7 @@ import torch
 
 import memory_plan
 from lora import LoraArgs, apply_lora
-from memory_plan import GiB, PRESETS, Setup, head_bytes, param_counts, plan
+from memory_plan import GiB, PRESETS, Setup, param_counts, plan
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,10 +168,11 @@ def test_the_plan_for_7b_on_four_v100s_and_its_verdicts():
     assert ac.total < fsdp.total and text[-1].endswith("use a lower --micro-batch-size or --max-len")
 
 
-def test_a_quantized_base_is_one_table_entry(monkeypatch):
-    monkeypatch.setitem(memory_plan.BASE_BYTES, "int8", 1.0)
+def test_quantized_bases_shrink_the_frozen_weights():
     s = Setup(PRESETS["llama-7b"], LoraArgs(), precision="fp16")
-    assert plan(Setup(**{**s.__dict__, "base": "int8"})).frozen < plan(s).frozen * 0.51
+    fp16 = plan(s).frozen
+    assert plan(Setup(**{**s.__dict__, "base": "int8"})).frozen == pytest.approx(fp16 / 2, rel=0.01)
+    assert plan(Setup(**{**s.__dict__, "base": "nf4"})).frozen == pytest.approx(fp16 * 0.5625 / 2, rel=0.01)
     with pytest.raises(ValueError, match="base='int3' is not a known weight kind"):
         Setup(PRESETS["llama-7b"], LoraArgs(), base="int3")
 

@@ -119,3 +119,13 @@ def test_a_used_out_refuses_before_the_model_is_loaded(data, monkeypatch):
     with pytest.raises(FileExistsError, match="--overwrite"):
         train(targs(data, "run"))
     assert torch.is_tensor(train_ddp.read_checkpoint(checkpoints(data / "run")[-1])["rng"][0]["cpu"])
+
+
+def test_records_too_long_for_max_len_fail_before_the_weights_load(data, monkeypatch):
+    base = data / "base"
+    checkpoint.save_model(tiny_model(), base, format="hf")  # a config to read; its weights must stay unread
+    monkeypatch.setattr(checkpoint, "load_model", lambda *_, **__: pytest.fail("the weights were loaded first"))
+    with pytest.raises(ValueError, match=r"all 96 records .* --max-len=128 .* raise --max-len"):
+        train(targs(data, "run", checkpoint=str(base)), None, ByteTokenizer())  # the Alpaca prompt alone > 128 bytes
+    with pytest.raises(ValueError, match=r"--max-len=512 exceeds the model's max_seq_len=256"):
+        train(targs(data, "run", checkpoint=str(base), max_len=512), None, ByteTokenizer())
