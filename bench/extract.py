@@ -11,8 +11,10 @@ multiset of word 4-gram shingles, TP/FP/FN are counted per page and normalised t
 more than short ones), precision and recall are means over pages, F1 comes from the two means.
 
 Cross-validation: pages are split into folds by site (host), so no site is both fitted and judged. The tuning
-procedure is a grid search over `scrape.extract.GRID` for the best F1 on the training folds; each fold's pages are
-then scored with the weights fitted without them, and those scores, pooled over all pages, give the out-of-fold F1.
+procedure is a grid search over `scrape.extract.GRID` for the best F1 on the training folds, averaged over each
+weighting and its grid neighbours (a broad optimum: sharp ones, made by a few pages, did worse out of fold); each
+fold's pages are then scored with the weights fitted without them, and those scores, pooled over all pages, give
+the out-of-fold F1.
 trafilatura and readability-lxml have nothing to fit, so the same pages give their figure. The crypto pages
 (`../shared/data/crypto-news/pages`) are only evaluated, never tuned on: truth is the text of the `body_xpath`
 element in their expected.json (captions and "read also" boxes included, so recall stays below 1), and each is also
@@ -52,14 +54,14 @@ class BenchArgs:
     references: bool = field(default=True, metadata={"help": "also run trafilatura and readability-lxml"})
     folds: int = field(default=0, metadata={"help": "cross-validate the weight tuning over this many folds (0 = off)"})
     seed: int = field(default=0, metadata={"help": "seed of the split of sites into folds"})
-    crypto: Path = field(default=CRYPTO, metadata={"help": "real crypto pages with expected.json ('' to skip)"})
+    crypto: str = field(default=str(CRYPTO), metadata={"help": "real crypto pages with expected.json ('' to skip)"})
 
     def __post_init__(self):
         if not (Path(self.data) / "ground-truth.json").is_file():
             raise FileNotFoundError(f"data={self.data} has no ground-truth.json; pass --data to the benchmark folder")
         if self.folds == 1 or self.folds < 0:
             raise ValueError(f"folds={self.folds} must be 0 (off) or >= 2")
-        if str(self.crypto) and not (Path(self.crypto) / "expected.json").is_file():
+        if self.crypto and not (Path(self.crypto) / "expected.json").is_file():
             raise FileNotFoundError(f"crypto={self.crypto} has no expected.json; pass --crypto '' to skip")
 
 
@@ -161,9 +163,29 @@ class Tuner:
             self._memo[i][text] = page_counts(self.truths[i], text)
         return self._memo[i][text]
 
+    def f1(self, w: Weights, rows: list[int]) -> float:
+        return scores([self.counts(w)[i] for i in rows])["f1"]
+
     def fit(self, rows: list[int]) -> Weights:
-        """The candidate with the best F1 on the pages `rows` (the first one on a tie)."""
-        return max(self.candidates, key=lambda w: scores([self.counts(w)[i] for i in rows])["f1"])
+        """The candidate with the best mean F1 on the pages `rows` over itself and its grid neighbours (each weight
+        one step up or down): a broad optimum, not a sharp one that a few pages made (the first one on a tie)."""
+        known = set(self.candidates)
+
+        def broad(w: Weights) -> float:
+            near = [w] + [n for n in _neighbours(w) if n in known]
+            return statistics.mean(self.f1(n, rows) for n in near)
+        return max(self.candidates, key=broad)
+
+
+def _neighbours(w: Weights, space: dict = GRID) -> list[Weights]:
+    """The weightings one grid step away from `w` in one weight."""
+    out = []
+    for name, values in space.items():
+        value = getattr(w, name)
+        if value in values:
+            i = values.index(value)
+            out += [replace(w, **{name: values[j]}) for j in (i - 1, i + 1) if 0 <= j < len(values)]
+    return out
 
 
 def cross_validate(pages, k: int, seed: int = 0, candidates: list[Weights] | None = None) -> dict:
@@ -270,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference libraries warn about odd pages
         results = {name: evaluate(fn, pages) for name, fn in runs.items()}
-        crypto = score_crypto(crypto_pages(Path(args.crypto)), args.references) if str(args.crypto) else None
+        crypto = score_crypto(crypto_pages(Path(args.crypto)), args.references) if args.crypto else None
     print(f"{len(pages)} pages; pages/s is per second of this process's CPU time; shipped weights (in sample)")
     _print_table(results)
     oof = _print_cv(cross_validate(pages, args.folds, args.seed), results, args.folds) if args.folds else None

@@ -198,8 +198,8 @@ class Weights:
     (`GRID`) and reports the F1 of that procedure on pages it did not see; the defaults are its fit on all pages."""
     good_min: int = 40      # non-link characters that make a block article-like (a sentence; not a label)
     link_w: float = 1.0     # link characters count against a good block this many times
-    bad_w: float = 0.3      # a boilerplate block counts against its containers by this much per character...
-    bad_c: float = 30.0     # ...plus this much per block, so many short bits (menus) weigh a lot
+    bad_w: float = 0.6      # a boilerplate block counts against its containers by this much per character...
+    bad_c: float = 15.0     # ...plus this much per block, so many short bits (menus) weigh a lot
     desc_r: float = 0.85    # a descendant keeping this share of the best score is the tighter, better container
 
 

@@ -59,3 +59,15 @@ def test_crypto_pages_are_scored(shared_data):
     for per_page in result.values():
         for r in per_page.values():
             assert r["with"] == r["of_with"] and r["without"] == r["of_without"] and r["f1"] > 0.85
+
+
+def test_the_fit_prefers_a_broad_optimum_to_a_sharp_one():
+    sharp = Weights(good_min=80, link_w=3.0, bad_w=1.0, bad_c=30.0, desc_r=0.95)  # a corner of the grid
+    broad = WEIGHTS
+    near_sharp, near_broad = bench._neighbours(sharp), bench._neighbours(broad)
+    assert not set(near_sharp) & set(near_broad) and len(near_sharp) == 5
+    tuner = bench.Tuner([], [sharp, broad, *near_sharp, *near_broad])
+    # invented F1s: `sharp` is best on its own, but its neighbours are poor; `broad` and all of its are good
+    tuner.f1 = lambda w, rows: 0.99 if w == sharp else 0.5 if w in near_sharp else 0.97
+    assert max(tuner.candidates, key=lambda w: tuner.f1(w, [])) == sharp  # what a plain best-F1 fit would take
+    assert tuner.fit([]) == broad
