@@ -195,7 +195,7 @@ def wrap_model(model: Transformer, targs: TrainArgs, rt: Runtime) -> nn.Module:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock),
                                        checkpoint_wrapper_fn=partial(checkpoint_wrapper,
                                                                      checkpoint_impl=CheckpointImpl.NO_REENTRANT))
-    if not dist.is_initialized():  # one process; a one-rank group still wraps (make gpu-check runs DDP/FSDP so)
+    if rt.world_size == 1 and not dist.is_initialized():  # one process; a one-rank group still wraps (gpu-check)
         return model
     if targs.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
