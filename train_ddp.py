@@ -145,7 +145,9 @@ def cuda_expected() -> str | None:
 def pick_device(device: str, local_rank: int) -> torch.device:
     """--device auto: cuda:LOCAL_RANK when CUDA works, else the CPU, saying so loudly where a GPU was expected."""
     if device != "auto":
-        return torch.device(device)
+        dev = torch.device(device)
+        # a bare "cuda" means this rank's GPU (torch.cuda.set_device refuses a device without an index)
+        return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
     if torch.cuda.is_available():
         return torch.device(f"cuda:{local_rank}")
     why = cuda_expected()

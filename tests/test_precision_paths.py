@@ -270,3 +270,9 @@ def test_packed_gqa_attention_equals_the_boolean_mask_path(monkeypatch, expand, 
     torch.testing.assert_close(new[0], old[0], **tol)
     for a, b in zip(new[1], old[1]):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_a_bare_cuda_device_means_this_ranks_gpu():
+    assert train_ddp.pick_device("cuda", 3) == torch.device("cuda", 3)
+    assert train_ddp.pick_device("cuda:1", 3) == torch.device("cuda", 1)
+    assert train_ddp.pick_device("cpu", 3) == torch.device("cpu")
