@@ -90,8 +90,9 @@ def _row_chunks(rows: int, cols: int):
         yield slice(s, min(rows, s + step))
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 (rows, cols), absmax fp32 (rows,)) with w ~= q * absmax / 127."""
+def quantize_int8(w: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (rows, cols), absmax fp32 (rows,)) with w ~= q * absmax / 127. release: drop each chunk of w's
+    memory-mapped pages once read (release_pages), so a checkpoint tensor never becomes resident whole."""
     w2 = w.reshape(w.shape[0], -1)
     q = torch.empty(w2.shape, dtype=torch.int8, device=w.device)
     absmax = torch.empty(w2.shape[0], dtype=torch.float32, device=w.device)
@@ -101,6 +102,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         absmax[rs] = amax
         scale = torch.where(amax > 0, amax, 1.0) / 127  # an all-zero row stays zero
         q[rs] = (x / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        if release:
+            release_pages(w2[rs])
     return q, absmax
 
 
@@ -111,9 +114,10 @@ def dequantize_int8(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -
     return out
 
 
-def quantize_nf4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_nf4(w: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 (rows, ceil(cols/64)*32), absmax fp32 (rows, ceil(cols/64))): blocks of 64 along each row
-    (a short last block is zero-padded), two 4-bit codes a byte, the first in the high nibble."""
+    (a short last block is zero-padded), two 4-bit codes a byte, the first in the high nibble. release: as for
+    quantize_int8."""
     w2 = w.reshape(w.shape[0], -1)
     rows, cols = w2.shape
     blocks = -(-cols // NF4_BLOCK)
@@ -127,6 +131,8 @@ def quantize_nf4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x / torch.where(amax > 0, amax, 1.0)[..., None]
         codes = torch.bucketize(x, mids).to(torch.uint8).view(x.shape[0], -1, 2)  # (r, blocks * 32, 2)
         packed[rs] = codes[..., 0] << 4 | codes[..., 1]
+        if release:
+            release_pages(w2[rs])
     return packed, absmax
 
 
@@ -151,9 +157,9 @@ class QSpec:
     cols: int
 
 
-def quantize(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, QSpec]:
+def quantize(w: torch.Tensor, kind: str, release: bool = False) -> tuple[torch.Tensor, torch.Tensor, QSpec]:
     """(codes, scales, spec) of a 2-D weight."""
-    q, s = (quantize_int8 if check_kind(kind) == "int8" else quantize_nf4)(w)
+    q, s = (quantize_int8 if check_kind(kind) == "int8" else quantize_nf4)(w, release)
     return q, s, QSpec(kind, w.shape[0], w.shape[1])
 
 
@@ -163,22 +169,44 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, spec: QSpec, dtype: to
     return dequantize_nf4(codes, scales, spec.cols, dtype)
 
 
+_SPLIT = 1 << 23  # a weight of more elements (a vocabulary projection) is dequantized a block of rows at a time
+
+
+def _row_blocks(codes: torch.Tensor, scales: torch.Tensor, spec: QSpec, dtype: torch.dtype):
+    """(rows, dequantized rows) blocks of about 4M weights: the whole weight never exists in full precision."""
+    step = max(1, 4 * _CHUNK // spec.cols)
+    for s in range(0, spec.rows, step):
+        rs = slice(s, min(spec.rows, s + step))
+        yield rs, dequantize(codes[rs], scales[rs], QSpec(spec.kind, rs.stop - rs.start, spec.cols), dtype)
+
+
 class _QuantLinearFunction(torch.autograd.Function):
     """x W^T for a frozen quantized W. W is dequantized in forward and again in backward (for the input gradient)
     instead of being saved: autograd through F.linear would keep the full-precision W of every layer alive until
-    backward, as much memory as an unquantized model."""
+    backward, as much memory as an unquantized model. A large W (the output projection: 125 MiB in bf16 for a
+    32k vocabulary at dim 2048) is processed a block of output rows at a time; its input gradient sums the blocks
+    in fp32."""
 
     @staticmethod
     def forward(ctx, x, codes, scales, spec: QSpec):
         ctx.save_for_backward(codes, scales)
         ctx.spec = spec
-        return F.linear(x, dequantize(codes, scales, spec, x.dtype))
+        if spec.rows * spec.cols <= _SPLIT:
+            return F.linear(x, dequantize(codes, scales, spec, x.dtype))
+        return torch.cat([F.linear(x, w) for _, w in _row_blocks(codes, scales, spec, x.dtype)], dim=-1)
 
     @staticmethod
     def backward(ctx, g):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
         codes, scales = ctx.saved_tensors
-        grad_x = g @ dequantize(codes, scales, ctx.spec, g.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None
+        spec = ctx.spec
+        if spec.rows * spec.cols <= _SPLIT:
+            return g @ dequantize(codes, scales, spec, g.dtype), None, None, None
+        grad = torch.zeros(*g.shape[:-1], spec.cols, dtype=torch.float32, device=g.device)
+        for rs, w in _row_blocks(codes, scales, spec, torch.float32):
+            grad += g[..., rs].float() @ w
+        return grad.to(g.dtype), None, None, None
 
 
 class _Quantized(nn.Module):
@@ -313,9 +341,8 @@ class LoadQuantizer:
         if self.kind == "none" or not key.endswith(".weight") or module not in _BLOCK_NAMES + _VOCAB_NAMES:
             return tensor
         with torch.no_grad():
-            codes, scales, spec = quantize(tensor, kind_of(key, self.kind))
+            codes, scales, spec = quantize(tensor, kind_of(key, self.kind), release=True)
         self.parts[key] = (codes, scales, spec, self.dtype or tensor.dtype)
-        release_pages(tensor)
         return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")  # a placeholder until install()
 
     def install(self, model: nn.Module) -> nn.Module:

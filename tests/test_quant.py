@@ -382,3 +382,16 @@ def test_loading_quantized_never_holds_the_full_precision_model(tmp_path):
         print(f"{kind}: checkpoint {size / 2**20:.0f} MiB, quantized {quantized / 2**20:.0f} MiB, "
               f"peak RSS growth {growth / 2**20:.0f} MiB")
         assert growth < quantized + size / 2, kind
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_large_quant_linear_works_a_block_of_rows_at_a_time(kind, monkeypatch):
+    monkeypatch.setattr(quant, "_SPLIT", 1000)  # 96 x 256 weights count as large: blocks of 4 * 2048 // 256 rows
+    monkeypatch.setattr(quant, "_CHUNK", 2048)
+    layer = QuantLinear(*quant.quantize(weights(), kind), torch.float32)
+    x = torch.randn(3, 256, dtype=torch.float32, requires_grad=True)
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    w = layer.dequantize()
+    assert torch.allclose(y, x @ w.t(), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(x.grad, torch.ones(3, 96) @ w, atol=1e-5, rtol=1e-5)
