@@ -395,3 +395,20 @@ def test_a_large_quant_linear_works_a_block_of_rows_at_a_time(kind, monkeypatch)
     w = layer.dequantize()
     assert torch.allclose(y, x @ w.t(), atol=1e-5, rtol=1e-5)
     assert torch.allclose(x.grad, torch.ones(3, 96) @ w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quant_linear_on_cuda_under_autocast_matches_the_cpu(kind):
+    codes, scales, spec = quant.quantize(weights(), kind)
+    cpu = QuantLinear(codes, scales, spec, torch.float32)
+    gpu = QuantLinear(codes.cuda(), scales.cuda(), spec, torch.float32)
+    assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())  # the same fp32 products on both devices
+    x = torch.randn(4, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = gpu(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    w = cpu.dequantize(torch.bfloat16).float()
+    assert torch.allclose(x.grad.cpu(), torch.ones(4, 96) @ w, atol=2e-2, rtol=2e-2)
