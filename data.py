@@ -38,7 +38,10 @@ def _check_record(rec, where: str) -> dict:
             raise ValueError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
     if not isinstance(rec.get("input") or "", str):
         raise ValueError(f"{where}: 'input' must be a string")
-    return {"instruction": rec["instruction"], "input": rec.get("input") or "", "output": rec["output"]}
+    if not isinstance(rec.get("system", ""), str):
+        raise ValueError(f"{where}: 'system' must be a string (\"\" = no system turn)")
+    out = {"instruction": rec["instruction"], "input": rec.get("input") or "", "output": rec["output"]}
+    return {**out, "system": rec["system"]} if "system" in rec else out
 
 
 def _expand(rec, where: str) -> list[dict]:
@@ -73,12 +76,14 @@ def load_records(path: str | Path) -> list[dict]:
     return records
 
 
-def format_prompt(tokenizer, instruction: str, input: str = "") -> str:
-    """The text before the response: the chat template for chat models, the Alpaca prompt for base models."""
+def format_prompt(tokenizer, instruction: str, input: str = "", system: str | None = None) -> str:
+    """The text before the response: the chat template for chat models, the Alpaca prompt for base models. A record's
+    `system` replaces the template's default system turn (SmolLM2's is 16 tokens that every example pays for)."""
     if tokenizer.chat_template is None:
         return tokenizer.alpaca_prompt(instruction, input)
     content = f"{instruction}\n\n{input}" if input else instruction
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    turns = [] if system is None else [{"role": "system", "content": system}]
+    return tokenizer.apply_chat_template(turns + [{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 @dataclass
@@ -89,7 +94,8 @@ class Example:
 
 def encode_example(tokenizer, record: dict, max_len: int, train_on_inputs: bool = False) -> Example | None:
     """BOS + prompt + output + EOS as an Example of at most max_len tokens; None if the prompt leaves no room."""
-    prompt = tokenizer.encode(format_prompt(tokenizer, record["instruction"], record.get("input", "")))
+    prompt = tokenizer.encode(format_prompt(tokenizer, record["instruction"], record.get("input", ""),
+                                            record.get("system")))
     if prompt[:1] != [tokenizer.bos_id]:  # chat templates may begin with the BOS token already (ChatML)
         prompt = [tokenizer.bos_id] + prompt
     if len(prompt) >= max_len:
@@ -255,6 +261,13 @@ class StepLoader:
 
 def eval_batches(rows: list[list[Example]], micro_batch: int, world_size: int, rank: int,
                  pad_id: int) -> list[Batch]:
-    """This rank's share of the validation rows in fixed, length-sorted batches (sums are reduced across ranks)."""
+    """This rank's share of the validation rows in fixed, length-sorted batches (sums are reduced across ranks).
+    Every rank gets the same number of batches: under FSDP each forward is a set of collectives, so a rank with one
+    batch fewer would leave its peers waiting forever. The shortfall is made up with one-token batches whose only
+    label is ignored: they add nothing to the loss sum or the token count, so the mean stays exact."""
     mine = sorted(rows[rank::world_size], key=lambda row: -sum(len(e.tokens) for e in row))
-    return [collate(mine[i:i + micro_batch], pad_id) for i in range(0, len(mine), micro_batch)]
+    batches = [collate(mine[i:i + micro_batch], pad_id) for i in range(0, len(mine), micro_batch)]
+    most = -(-(-(-len(rows) // world_size)) // micro_batch)  # the batches of the rank with the most rows
+    filler = Batch(torch.full((1, 1), pad_id, dtype=torch.long), torch.full((1, 1), IGNORE, dtype=torch.long),
+                   None, None, 0)
+    return batches + [filler] * (most - len(batches))

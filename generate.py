@@ -3,6 +3,7 @@ and frequency penalties; stop strings and stop tokens; output constrained to JSO
 ranking fixed answers by log-likelihood.
 
     python generate.py --prompt "Bitcoin is"                                   # the embedded SmolLM2, greedy
+    python generate.py --prompt "Bitcoin is" --dtype fp32                      # default auto: see precision.py
     python generate.py --prompt "What moved ETH today?" --chat --temperature 0.7 --top-p 0.9
     python generate.py --prompt "..." --checkpoint out/merged --adapter out/adapter --max-new-tokens 64
     python generate.py --prompt "Coins in: ETH fell 3%. As JSON." --chat --json-schema '{"type": "object"}'
@@ -25,15 +26,17 @@ from __future__ import annotations
 
 import functools
 import json
+import secrets
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from cli import parse_args
-from constrain import JsonConstraint
+from constrain import JsonConstraint, response_format_schema
+from precision import CHOICES as PRECISIONS, choose_dtype
 from quant import KINDS, load_quantized
 
 # on_text(row, new_text, result): result is None until the row's last call, which passes its Result
@@ -84,6 +87,59 @@ class GenerateArgs:
             if not isinstance(schema, dict):
                 raise ValueError(f"json_schema must be a JSON object (a schema), got {self.json_schema[:80]!r}")
             self._constraint = JsonConstraint(schema)
+
+    @classmethod
+    def from_openai(cls, request: dict, vocab_size: int, max_tokens: int | None = None, max_n: int = 1
+                    ) -> list[GenerateArgs]:
+        """One GenerateArgs per choice (`n`) from an OpenAI request's sampling fields, each bounded here: OpenAI's
+        defaults and ranges; top_k (at most the vocabulary) and repetition_penalty as extensions; max_tokens (or
+        max_completion_tokens) at most `max_tokens`, also its default (None: no limit, default 256; a row stops at
+        max_seq_len anyway); at most 16 stop strings of 256 characters; a
+        seed within 64 bits (choice k uses seed + k; none: a fresh one, as OpenAI); response_format as constrain
+        reads it. A bad value raises ValueError naming the field, which is also its `param` attribute."""
+        def bad(name: str, why: str) -> ValueError:
+            err = ValueError(f"{name}={str(request.get(name))[:80]} {why}")
+            err.param = name  # serve.py reports it as the error's OpenAI `param`
+            return err
+
+        def number(name: str, default, lo, hi, integer: bool = False):
+            v = request.get(name)
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+                raise bad(name, f"must be {'an integer' if integer else 'a number'}")
+            if not (lo <= v <= hi if hi is not None else lo <= v):  # NaN fails too
+                raise bad(name, f"must be in [{lo}, {hi}]" if hi is not None else f"must be >= {lo}")
+            return v
+
+        budget_name = "max_completion_tokens" if request.get("max_completion_tokens") is not None else "max_tokens"
+        budget = number(budget_name, max_tokens or 256, 1, None, integer=True)
+        if max_tokens is not None and budget > max_tokens:
+            raise bad(budget_name, f"exceeds the limit of {max_tokens}")
+        n = number("n", 1, 1, max_n, integer=True)
+        temperature = number("temperature", 1.0, 0.0, 2.0)
+        top_p = number("top_p", 1.0, 0.0, 1.0)
+        if top_p == 0:
+            raise bad("top_p", "must be in (0, 1]")
+        stop = request.get("stop")
+        stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+        if not isinstance(stop, list) or len(stop) > 16 or \
+                not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop):
+            raise bad("stop", "must be a string or a list of at most 16 non-empty strings of at most 256 characters")
+        seed = number("seed", None, -2**63, 2**64 - n, integer=True)
+        try:
+            schema = response_format_schema(request.get("response_format"))
+        except ValueError as e:
+            raise bad("response_format", f"is not usable: {e}") from None
+        first = cls(
+            max_new_tokens=budget, temperature=temperature if temperature >= 1e-5 else 0.0,  # tinier: greedy (vLLM)
+            top_k=number("top_k", 0, 0, vocab_size, integer=True), top_p=max(top_p, 1e-6),  # float32 keeps 1e-6
+            repetition_penalty=number("repetition_penalty", 1.0, 0.01, 100.0),  # past these, logits overflow
+            presence_penalty=number("presence_penalty", 0.0, -2.0, 2.0),
+            frequency_penalty=number("frequency_penalty", 0.0, -2.0, 2.0), stop=tuple(stop),
+            seed=secrets.randbits(31) if seed is None else seed,
+            json_schema="" if schema is None else json.dumps(schema))
+        return [first] + [replace(first, seed=first.seed + k) for k in range(1, n)]
 
     def constraint(self) -> JsonConstraint | None:
         """A fresh JsonConstraint for one row, or None without json_schema."""
@@ -337,11 +393,14 @@ class Generator:
         self.model, self.tokenizer = model.eval(), tokenizer
 
     @classmethod
-    def from_checkpoint(cls, checkpoint=None, adapter=None, dtype=None, device="cpu", base_quant="none") -> Generator:
-        """Load a checkpoint (None = the embedded SmolLM2) and its tokenizer, with an optional LoRA adapter;
-        base_quant int8 / nf4 keeps the base weights quantized (quant.py)."""
+    def from_checkpoint(cls, checkpoint=None, adapter=None, dtype: str | torch.dtype | None = "auto",
+                        device="cpu", base_quant="none") -> Generator:
+        """Load a checkpoint (None = the embedded SmolLM2) and its tokenizer, with an optional LoRA adapter.
+        dtype "auto" is precision.py's choice for the device; None keeps the checkpoint's own; base_quant int8 / nf4
+        keeps the base weights quantized (quant.py)."""
         from checkpoint import load_tokenizer
 
+        dtype = None if dtype is None else choose_dtype(dtype, device)
         model = load_quantized(checkpoint, base_quant, dtype=dtype, device=device)
         if adapter is not None:
             from lora import load_adapter  # only adapters need lora.py
@@ -615,8 +674,9 @@ class CliArgs:
     checkpoint: str | None = field(default=None, metadata={"help": "model path (Meta, HF or GGUF); none = embedded"})
     adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder to apply"})
     chat: bool = field(default=False, metadata={"help": "wrap the prompt in the model's chat template"})
-    dtype: str = field(default="float32", metadata={"help": "weights dtype",
-                                                    "choices": ["float32", "bfloat16", "float16"]})
+    dtype: str = field(default="auto", metadata={"help": "weights dtype; auto: precision.py's choice for the device "
+                                                         "(bf16 where it is native, fp16 on V100, else fp32)",
+                                                 "choices": PRECISIONS})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     base_quant: str = field(default="none", metadata={"help": "keep the base weights int8 or nf4 (quant.py)",
                                                       "choices": list(KINDS)})
@@ -633,7 +693,7 @@ def main(argv: list[str] | None = None) -> None:
     cargs, gargs = parse_args(argv, CliArgs, GenerateArgs, description=__doc__)
     if cargs.threads:
         torch.set_num_threads(cargs.threads)
-    gen = Generator.from_checkpoint(cargs.checkpoint, adapter=cargs.adapter, dtype=getattr(torch, cargs.dtype),
+    gen = Generator.from_checkpoint(cargs.checkpoint, adapter=cargs.adapter, dtype=cargs.dtype,
                                     device=cargs.device, base_quant=cargs.base_quant)
 
     def show(row: int, text: str, result: Result | None) -> None:

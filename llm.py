@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from constrain import SCHEMA_LENGTHS, check_schema  # the subset's definition; check_schema is part of this API
+
 log = logging.getLogger("llm")
 
 # List prices in USD per 1M tokens (input, output), from the providers' pricing pages in 2024-2025; they change,
@@ -59,10 +61,6 @@ PRICES = {
 # Statuses worth retrying: rate limits, request timeout, conflicts (OpenAI's own client retries these) and 5xx.
 RETRY_STATUSES = {408, 409, 429}
 SCHEMA_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-SCHEMA_KEYWORDS = {"type", "properties", "required", "enum", "items", "minimum", "maximum", "additionalProperties",
-                   "minItems", "maxItems", "minLength", "maxLength"}
-SCHEMA_LENGTHS = (("minItems", "maxItems"), ("minLength", "maxLength"))  # non-negative integer bounds, min <= max
-SCHEMA_ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "$schema"}
 JSON_FENCE = "```json"  # a chain-of-thought answer ends with its JSON object after this fence
 
 
@@ -84,6 +82,8 @@ class LLMArgs:
     adapter: str | None = field(default=None, metadata={"help": "local backend: LoRA adapter directory"})
     max_tokens_cap: int = field(default=0, metadata={"help": "cap every answer at this many tokens, whatever a "
                                                              "stage asks (bounds time or cost); 0 = no cap"})
+    dtype: str = field(default="auto", metadata={"help": "local backend: weights dtype (auto, fp32, bf16, fp16); "
+                                                         "auto = precision.py's choice for the CPU"})
 
     def __post_init__(self):
         if self.backend not in ("openai", "local"):
@@ -95,6 +95,10 @@ class LLMArgs:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.timeout <= 0:
             raise ValueError(f"timeout={self.timeout} must be > 0 seconds")
+        if self.backend == "local":
+            from precision import CHOICES  # torch: the local backend needs it anyway, the API backend must not
+            if self.dtype not in CHOICES:
+                raise ValueError(f"dtype={self.dtype!r} must be one of {CHOICES}")
 
 
 @dataclass
@@ -149,27 +153,6 @@ def find_json_objects(text: str) -> list[tuple[dict, int, int]]:
     return found
 
 
-def check_schema(schema: dict, path: str = "schema") -> None:
-    """Raise ValueError if `schema` uses a keyword outside the subset `validate` implements."""
-    unknown = set(schema) - SCHEMA_KEYWORDS - SCHEMA_ANNOTATIONS
-    if unknown:
-        raise ValueError(f"{path}: unsupported JSON-schema keywords {sorted(unknown)}; "
-                         f"llm.validate knows {sorted(SCHEMA_KEYWORDS)}")
-    for lo, hi in SCHEMA_LENGTHS:
-        for key in (lo, hi):
-            n = schema.get(key, 0)
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise ValueError(f"{path}.{key}: {n!r} must be an integer >= 0")
-        if lo in schema and hi in schema and schema[lo] > schema[hi]:
-            raise ValueError(f"{path}: {lo} {schema[lo]} is more than {hi} {schema[hi]}; no value could match")
-    for name, sub in schema.get("properties", {}).items():
-        check_schema(sub, f"{path}.properties.{name}")
-    if isinstance(schema.get("items"), dict):
-        check_schema(schema["items"], f"{path}.items")
-    if isinstance(schema.get("additionalProperties"), dict):
-        check_schema(schema["additionalProperties"], f"{path}.additionalProperties")
-
-
 def decoding_schema(schema: dict) -> dict:
     """The schema a local model's JSON is decoded under: `schema`, with every object that lists properties closed to
     others (additionalProperties false where unset). A small model otherwise wanders into keys of its own and runs out
@@ -205,9 +188,9 @@ def _json_equal(a, b) -> bool:
 
 
 def validate(value, schema: dict, path: str = "$") -> list[str]:
-    """Errors of `value` against a JSON-schema subset (type, properties, required, enum, items, minimum, maximum,
-    additionalProperties, minItems, maxItems, minLength, maxLength), each naming its JSON path; [] when valid.
-    A string's length is its number of code points, len(value)."""
+    """Errors of `value` against a schema of the subset constrain.py defines (type, properties, required, enum, items,
+    minimum, maximum, additionalProperties, minItems, maxItems, minLength, maxLength), each naming its JSON path; []
+    when valid. A string's length is its number of code points, len(value)."""
     types = schema.get("type")
     if types is not None:
         types = [types] if isinstance(types, str) else types
@@ -556,13 +539,14 @@ class LLM:
         the JSON under the schema (with its own max_tokens budget); the text is both, closed by a fence, as an API
         model would write it."""
         from generate import GenerateArgs, Generator  # imported here so the API backend needs no torch
+        from precision import choose_dtype
         with self._backend_lock:
             if self._backend is None:
-                self._backend = Generator.from_checkpoint(self.args.checkpoint, adapter=self.args.adapter)
-        gargs = GenerateArgs(max_new_tokens=params["max_tokens"], temperature=params["temperature"],
-                             top_p=params["top_p"], presence_penalty=params["presence_penalty"],
-                             frequency_penalty=params["frequency_penalty"], stop=tuple(params["stop"] or ()),
-                             seed=params["seed"] or 0)
+                self._backend = Generator.from_checkpoint(self.args.checkpoint, adapter=self.args.adapter,
+                                                          dtype=choose_dtype(self.args.dtype, "cpu"))
+        request = {k: v for k, v in params.items() if k != "json_schema"}
+        [gargs] = GenerateArgs.from_openai({**request, "seed": params["seed"] or 0},  # unseeded: seed 0, repeatable
+                                           vocab_size=self._backend.model.args.vocab_size)
         schema = params.get("json_schema")
         if schema is None or kind != "chat":  # a completion with a schema is the JSON alone
             if schema is not None:
@@ -614,17 +598,9 @@ class LLM:
 def _sampling_params(max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                      stop: str | list[str] | None = None, presence_penalty: float = 0.0,
                      frequency_penalty: float = 0.0, seed: int | None = None, json_schema: dict | None = None) -> dict:
-    """The sampling parameters, validated and normalised (they are part of the cache key). json_schema (the local
+    """The sampling parameters in OpenAI's names, normalised (they are part of the cache key); the API checks their
+    values, and the local backend checks them as serve.py does (GenerateArgs.from_openai). json_schema (the local
     backend's constrained JSON) is only present when given, so the keys of other requests stay what they were."""
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens} must be >= 1")
-    if not 0.0 <= temperature <= 2.0:
-        raise ValueError(f"temperature={temperature} must be in [0, 2]")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        if not -2.0 <= v <= 2.0:
-            raise ValueError(f"{name}={v} must be in [-2, 2]")
     stop = [stop] if isinstance(stop, str) else (list(stop) if stop else None)
     params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed)

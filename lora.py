@@ -4,6 +4,7 @@
     apply_lora(model, LoraArgs(r=8, targets=("wq", "wv")))    # freezes everything but the adapters
     python lora.py merge --adapter out/run/adapter --out out/merged --format hf    # base = the embedded model
     python lora.py merge --checkpoint llama-2-7b/ --adapter out/run/adapter --out out/merged --format meta
+    python lora.py merge --adapter out/run/adapter --out out/merged.gguf --format gguf --quant q8_0  # llama.cpp
 
 An adapter folder holds `adapter.safetensors` (keys `layers.0.attention.wq.lora_A`, ...) and `adapter_config.json`
 ({"lora": LoraArgs, "model": ModelArgs}), so loading can check that it belongs to the model it is put on.
@@ -12,17 +13,18 @@ An adapter folder holds `adapter.safetensors` (keys `layers.0.attention.wq.lora_
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from checkpoint import embedded_model_path, permute_to_hf, save_model
 from checkpoint.files import read_json
+from checkpoint.hf import read_safetensors
 from checkpoint.names import HF_NAMES  # our linear names -> HF module paths (the one table)
 from cli import parse_args
 from jsonl import atomic_write, write_json
@@ -193,14 +195,31 @@ def read_adapter_config(adapter_dir: str | Path, margs: ModelArgs) -> LoraArgs:
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {adapter_dir}; pass the folder that save_adapter wrote")
     cfg = read_json(path)
+    theirs, largs = _config_section(cfg, path, "model", ModelArgs), _config_section(cfg, path, "lora", LoraArgs)
     # the effective architecture, not every field: a checkpoint saved as HF states hidden_dim that Meta derives
-    theirs, ours = _architecture(ModelArgs(**cfg["model"])), _architecture(margs)
+    theirs, ours = _architecture(theirs), _architecture(margs)
     diff = {k: (v, ours[k]) for k, v in theirs.items() if ours[k] != v}
     if diff:
         shown = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
         raise ValueError(f"adapter {adapter_dir} was trained on another model ({shown}); "
                          f"pass the base checkpoint it was trained on (--checkpoint)")
-    return LoraArgs(**cfg["lora"])
+    return largs
+
+
+def _config_section(cfg: dict, path: Path, key: str, cls):
+    """cls(**cfg[key]) for adapter_config.json's "model" and "lora" objects; each error names the file and key."""
+    section = cfg.get(key)
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: key {key!r} is {'missing' if section is None else 'not an object'}; "
+                         'adapter_config.json holds {"lora": LoraArgs, "model": ModelArgs} (save_adapter writes it)')
+    known = {f.name for f in fields(cls)}
+    for k in section:
+        if k not in known:
+            raise ValueError(f"{path}: unknown key {key}.{k}; {cls.__name__} has {sorted(known)}")
+    try:
+        return cls(**section)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {key}: {e}") from None
 
 
 def load_adapter(model: Transformer, adapter_dir: str | Path) -> LoraArgs:
@@ -213,16 +232,31 @@ def load_adapter(model: Transformer, adapter_dir: str | Path) -> LoraArgs:
     elif any((m.r, m.alpha, m.rslora) != (largs.r, largs.alpha, largs.rslora) for m in modules.values()):
         raise ValueError(f"adapter {adapter_dir} has r={largs.r} alpha={largs.alpha} rslora={largs.rslora}, "
                          f"unlike the LoRA already on the model")
-    state = load_file(Path(adapter_dir) / ADAPTER_FILE)
-    expected = {f"{n}.lora_{ab}" for n in modules for ab in "AB"}
-    if set(state) != expected:
-        raise ValueError(f"adapter {adapter_dir} holds {sorted(set(state) ^ expected)[:4]}... that do not match "
-                         f"the model's LoRA targets {largs.targets}")
+    path = Path(adapter_dir) / ADAPTER_FILE
+    state = _read_adapter_weights(path, {f"{n}.lora_{ab}": getattr(m, f"lora_{ab}") for n, m in modules.items()
+                                         for ab in "AB"}, largs)
     with torch.no_grad():
         for name, m in modules.items():
             m.lora_A.copy_(state[f"{name}.lora_A"])
             m.lora_B.copy_(state[f"{name}.lora_B"])
     return largs
+
+
+def _read_adapter_weights(path: Path, expected: dict[str, torch.Tensor], largs: LoraArgs) -> dict[str, torch.Tensor]:
+    """adapter.safetensors, checked tensor by tensor against the LoRA on the model; errors name the file and tensor."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; pass the folder that save_adapter wrote")
+    state = read_safetensors(path)
+    missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or extra:
+        shown = f"tensor {missing[0]} is missing" if missing else f"unexpected tensor {extra[0]}"
+        raise ValueError(f"{path}: {shown} ({len(missing)} missing, {len(extra)} unexpected): the adapter does not "
+                         f"match the model's LoRA targets {largs.targets}")
+    for k, want in expected.items():
+        if state[k].shape != want.shape:
+            raise ValueError(f"{path}: tensor {k} has shape {tuple(state[k].shape)} but LoRA r={largs.r} on this "
+                             f"model needs {tuple(want.shape)}")
+    return state
 
 
 def merge_lora(model: Transformer) -> Transformer:
@@ -297,11 +331,19 @@ def export_peft(model: Transformer, out_dir: str | Path, base_model_name: str = 
 @dataclass
 class MergeArgs:
     adapter: str = field(default="", metadata={"help": "adapter folder written by train_ddp.py", "required": True})
-    out: str = field(default="", metadata={"help": "output folder for the merged checkpoint", "required": True})
+    out: str = field(default="", metadata={"help": "output folder (meta, hf) or .gguf file (gguf) for the merged model",
+                                           "required": True})
     checkpoint: str | None = field(default=None, metadata={"help": "base checkpoint (default: the embedded model)"})
-    format: Literal["meta", "hf"] = field(default="meta", metadata={"help": "checkpoint format to write"})
+    format: Literal["meta", "hf", "gguf"] = field(default="meta", metadata={
+        "help": "checkpoint format to write; gguf runs in llama.cpp and Ollama"})
+    quant: Literal["f16", "q8_0", "f32"] = field(default="f16", metadata={
+        "help": "GGUF type of the weight matrices (--format gguf only)"})
     base_quant: Literal[KINDS] = field(default="none", metadata={
         "help": "the --base-quant the adapter was trained with: merge into that base, dequantized"})
+
+    def __post_init__(self):
+        if self.quant != "f16" and self.format != "gguf":
+            raise ValueError(f"--quant {self.quant} applies to --format gguf only (got --format {self.format})")
 
 
 def merge(margs: MergeArgs) -> Path:
@@ -310,7 +352,7 @@ def merge(margs: MergeArgs) -> Path:
     model = dequantize_model(load_quantized(margs.checkpoint, margs.base_quant))
     load_adapter(model, margs.adapter)
     return save_model(strip_lora(model), margs.out, format=margs.format,
-                      tokenizer_src=margs.checkpoint or embedded_model_path())
+                      tokenizer_src=margs.checkpoint or embedded_model_path(), quant=margs.quant)
 
 
 def main(argv: list[str] | None = None) -> None:

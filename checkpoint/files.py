@@ -1,4 +1,5 @@
-"""Small file helpers the format modules share: sniffing a GGUF, reading a JSON config, finding tokenizer.model."""
+"""Small file helpers the format modules share: sniffing a GGUF, reading a JSON config and checking its value types,
+finding tokenizer.model."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,18 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
+
+
+def check_types(values: dict, path, ints: tuple[str, ...] = (), floats: tuple[str, ...] = (),
+                bools: tuple[str, ...] = (), prefix: str = "") -> None:
+    """Each present key of `values` has its type (an int is a float too; a bool is not a number); the error names
+    the file and the key."""
+    kinds = ((ints, (int,), "an integer"), (floats, (int, float), "a number"), (bools, (bool,), "true or false"))
+    for keys, ok, kind in kinds:
+        for k in keys:
+            v = values.get(k)
+            if v is not None and (not isinstance(v, ok) or (isinstance(v, bool) and bool not in ok)):
+                raise ValueError(f"{path}: key {prefix}{k!r} = {v!r} must be {kind}")
 
 
 def find_sentencepiece(folder: Path) -> Path | None:

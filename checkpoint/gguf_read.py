@@ -2,7 +2,7 @@
 tensor index (gguf.GGUFReader builds one numpy view per vocabulary string: seconds for a 49k vocabulary), the
 `llama.*` metadata as ModelArgs, and the tensors in Meta's names. Q8_0, Q4_0 and Q4_1 are dequantized in torch (2x
 gguf's numpy kernels on the embedded model), every other type by `gguf.quants.dequantize`. Of the project it imports
-only model.py and checkpoint/names.py, so tokenizer.py can read a GGUF's vocabulary from here.
+only model.py, checkpoint/names.py and checkpoint/files.py, so tokenizer.py can read a GGUF's vocabulary from here.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
+from checkpoint.files import check_types
 from checkpoint.names import GGUF_TO_META, expand
 from model import ModelArgs
 
@@ -157,6 +158,11 @@ def read_gguf(path) -> GGUFFile:
     return GGUFFile(path, metadata, tensors, buf)
 
 
+LLAMA_INTS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+              "attention.head_count_kv", "rope.dimension_count", "vocab_size", "context_length")
+LLAMA_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base")
+
+
 def args_from_gguf(gg: GGUFFile) -> ModelArgs:
     """ModelArgs from a GGUF file's `llama.*` metadata; no `output.weight` tensor means tied embeddings."""
     meta, path = gg.metadata, gg.path
@@ -173,6 +179,8 @@ def args_from_gguf(gg: GGUFFile) -> ModelArgs:
         raise ValueError(f"{path}: llama.rope.scaling.type={meta['llama.rope.scaling.type']!r} is not supported")
     if "token_embd.weight" not in gg.tensors:
         raise ValueError(f"{path}: tensor token_embd.weight is missing")
+    check_types(meta, path, ints=tuple(f"llama.{k}" for k in LLAMA_INTS),
+                floats=tuple(f"llama.{k}" for k in LLAMA_FLOATS))
     dim, n_heads = need("embedding_length"), need("attention.head_count")
     if meta.get("llama.rope.dimension_count", dim // n_heads) != dim // n_heads:
         raise ValueError(f"{path}: llama.rope.dimension_count={meta['llama.rope.dimension_count']} != head dim "

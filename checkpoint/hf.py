@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from checkpoint.files import read_json
+from checkpoint.files import check_types, read_json
 from checkpoint.names import HF_TO_META, expand
 from jsonl import atomic_write, write_json
 from model import ModelArgs
@@ -71,8 +71,11 @@ def args_from_hf_config(cfg: dict, path: Path | str = "config.json") -> ModelArg
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ValueError(f"{path}: rope scaling {rope} is not supported (plain RoPE only)")
     for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
-        if k not in cfg:
+        if cfg.get(k) is None:
             raise ValueError(f"{path}: key {k!r} is missing")
+    check_types(cfg, path, ints=("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                                 "intermediate_size", "num_key_value_heads", "max_position_embeddings", "head_dim"),
+                floats=("rms_norm_eps", "rope_theta"), bools=("tie_word_embeddings",))
     if cfg.get("head_dim") not in (None, cfg["hidden_size"] // cfg["num_attention_heads"]):
         raise ValueError(f"{path}: head_dim={cfg['head_dim']} != hidden_size / num_attention_heads is not supported")
     try:
@@ -94,6 +97,18 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
             "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
             "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
             "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
+def generation_config(tok) -> dict:
+    """generation_config.json for a tokenizer.Tokenizer: its EOS first, then every other token that ends a turn
+    (SmolLM2: <|im_end|>, <|endoftext|>), so transformers' generate and pipeline stop where generate.py does."""
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    cfg = {"eos_token_id": eos + sorted(tok.stop_ids - set(eos))}
+    if tok.bos_id is not None:
+        cfg["bos_token_id"] = tok.bos_id
+    if tok.pad_id is not None:
+        cfg["pad_token_id"] = tok.pad_id
+    return cfg
 
 
 def _weight_files(folder: Path) -> tuple[list[str], dict | None, Path]:
@@ -118,11 +133,10 @@ def load_hf_state(folder: Path, args: ModelArgs) -> tuple[dict[str, torch.Tensor
         if not f.is_file():
             held = [k for k, v in weight_map.items() if v == name]
             raise FileNotFoundError(f"{index}: shard {name} is missing (it holds {held[0]} and {len(held) - 1} more)")
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                if k not in names and not k.endswith("rotary_emb.inv_freq"):
-                    raise ValueError(f"{f}: unexpected tensor {k} (not part of a {args.n_layers}-layer LLaMA)")
-                raw[k], where[names.get(k, k)] = st.get_tensor(k), str(f)
+        for k, w in read_safetensors(f).items():
+            if k not in names and not k.endswith("rotary_emb.inv_freq"):
+                raise ValueError(f"{f}: unexpected tensor {k} (not part of a {args.n_layers}-layer LLaMA)")
+            raw[k], where[names.get(k, k)] = w, str(f)
     for k, w in raw.items():  # checked here, as the q/k unpermute needs the right shape
         if k.endswith(("q_proj.weight", "k_proj.weight")):
             rows = (args.n_heads if "q_proj" in k else args.kv_heads) * args.head_dim
@@ -130,6 +144,16 @@ def load_hf_state(folder: Path, args: ModelArgs) -> tuple[dict[str, torch.Tensor
                 raise ValueError(f"{where[names[k]]}: tensor {k} has shape {tuple(w.shape)} but the config implies "
                                  f"{(rows, args.dim)}")
     return hf_to_meta(raw, args), where
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, memory-mapped; a cut or corrupt file is an error naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            return {k: st.get_tensor(k) for k in st.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); it was cut short or damaged: download or "
+                         "copy it again") from None
 
 
 def save_hf(args: ModelArgs, state: dict[str, torch.Tensor], out: Path) -> None:

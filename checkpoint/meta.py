@@ -4,6 +4,8 @@ memory-mapped with torch's safe unpickler, and written back as one shard.
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,10 +107,26 @@ def merge_dim(key: str) -> int | None:
 
 
 def torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} pickle, read memory-mapped by torch's restricted unpickler (tensors and plain containers
+    only: a pickle can run code, so anything else is refused, in our words)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"the Python object `{found[1]}`" if found else "Python objects"
+        raise ValueError(f"{path}: refused: it holds {what} besides tensors, and loading that could run any code. "
+                         "Give a checkpoint of tensors only: re-save the weights from a copy you trust as a plain "
+                         "state dict of tensors, or as safetensors") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a dict of tensors (Meta's consolidated.NN.pth)")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path}: key {k!r} holds a {type(v).__name__}, not a tensor: a consolidated.NN.pth is "
+                             "a flat dict of tensors (a training checkpoint keeps the weights under a key: save "
+                             "those alone)")
+    return state
 
 
 def save_meta(args: ModelArgs, state: dict[str, torch.Tensor], out: Path) -> None:

@@ -1,21 +1,26 @@
 """Labelled sentiment files -> rows {text, label word}: a TFNS CSV, a Financial PhraseBank txt or a JSONL file,
-told apart by their content (`load_sentiment`). Errors name the file and line.
+told apart by their content (`load_sentiment`); CryptoLin's JSONL keeps its annotators' labels and the predictions it
+ships for VADER and FinBERT (`load_cryptolin`; `load_labelled` picks either). Errors name the file and line.
 
-    from evaluate.loaders import load_sentiment
+    from evaluate.loaders import load_cryptolin, load_sentiment
     rows = load_sentiment("../shared/data/crypto-news/twitter_financial_news_sentiment/sent_valid.csv")
+    rows = load_cryptolin("../shared/data/crypto-news/cryptolin/cryptolin_dev.jsonl")   # + annotators, vader, finbert
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
-from jsonl import parse_jsonl
+from jsonl import parse_jsonl, read_jsonl
 
 LABELS = ("negative", "neutral", "positive")
 # TFNS (zeroshot/twitter-financial-news-sentiment): 0 bearish, 1 bullish, 2 neutral
 TFNS_LABELS = {"0": "negative", "1": "positive", "2": "neutral"}
 LABEL_ALIASES = {"bearish": "negative", "bullish": "positive"}
+# the reference systems whose predictions CryptoLin ships, one column each
+SHIPPED_SYSTEMS = ("vader", "finbert")
 
 
 def _label(raw: str, where: str) -> str:
@@ -101,3 +106,38 @@ def load_sentiment(path: str | Path) -> list[dict]:
     if not rows:
         raise ValueError(f"{path}:2: no data rows after the header")
     return rows
+
+
+def load_cryptolin(path: str | Path) -> list[dict]:
+    """CryptoLin rows {text, label, annotators, vader, finbert}: the majority label, the three annotators' labels and
+    the two reference systems' predictions, each a label word (../shared/data/crypto-news/LICENSES.md)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no CryptoLin file at {path}; it sits in ../shared/data/crypto-news/cryptolin/")
+    rows = []
+    for i, rec in read_jsonl(path):
+        where = f"{path}:{i}"
+        row = _row(rec.get("text"), _label(str(rec.get("label", "")), where), where)
+        annotators = rec.get("annotators")
+        if not isinstance(annotators, list) or not annotators:
+            raise ValueError(f"{where}: `annotators` must be a non-empty list of label words, got {annotators!r}")
+        row["annotators"] = [_label(str(a), f"{where} annotators") for a in annotators]
+        for name in SHIPPED_SYSTEMS:
+            row[name] = _label(str(rec.get(name, "")), f"{where} {name}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def load_labelled(path: str | Path) -> list[dict]:
+    """load_cryptolin for a JSONL file whose first record has `annotators`, load_sentiment for anything else."""
+    path = Path(path)
+    if path.is_file():
+        first = next((line for line in _lines(_read_text(path)) if line.strip()), "")
+        try:
+            if "annotators" in json.loads(first):
+                return load_cryptolin(path)
+        except (ValueError, TypeError):  # not a JSON object: load_sentiment reads it (or names what is wrong)
+            pass
+    return load_sentiment(path)

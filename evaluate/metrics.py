@@ -52,6 +52,13 @@ def summary(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("n", "accuracy", "f1_weighted", "f1_macro")}
 
 
+def annotator_agreement(rows: list[dict]) -> float:
+    """How often one annotator's label equals the majority label, over every (row, annotator) pair: the human
+    ceiling beside a model's accuracy (CryptoLin's rows carry `annotators`)."""
+    pairs = [(a, r["label"]) for r in rows for a in r["annotators"]]
+    return sum(a == label for a, label in pairs) / len(pairs) if pairs else 0.0
+
+
 def present_macro_f1(metrics: dict, labels) -> float:
     """Mean F1 of the labels present in gold or predictions (scikit-learn's default label set), from
     sentiment_metrics' per-class scores: a class absent from a small --limit run does not count as a zero."""

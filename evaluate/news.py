@@ -26,6 +26,7 @@ from evaluate.sentiment import load_generator, predict_api, predict_local, score
 from generate import GenerateArgs
 from jsonl import read_jsonl, write_json, write_jsonl
 from llm import LLM, LLMArgs, LLMOutputError, decoding_schema, parse_json_answer
+from precision import CHOICES, choose_dtype
 from retrieval.chunk import ChunkArgs
 from retrieval.index import Index, IndexArgs, build_index
 from retrieval.qa import QA, QAArgs
@@ -133,8 +134,9 @@ class NewsArgs:
     # retrieval.qa answers from 512 words; half keeps CPU evaluation fast and still puts the question's article in
     # the prompt for 92% of the sample's questions (97% at 512; MiniLM index, sentence chunks of 128 words)
     context_words: int = field(default=256, metadata={"help": "most words of excerpts in a retrieval prompt"})
-    dtype: str = field(default="bfloat16", metadata={"help": "local weights dtype (float32 on CPUs without bf16)",
-                                                     "choices": ["bfloat16", "float32"]})
+    dtype: str = field(default="auto", metadata={
+        "help": "local weights dtype; auto: bf16 where the CPU/GPU runs it natively, else fp32 (precision.py)",
+        "choices": CHOICES})
     api_model: str | None = field(default=None, metadata={"help": "the api systems' OpenAI-compatible chat model, "
                                                                   "through llm.py (OPENAI_API_KEY, OPENAI_BASE_URL)"})
     base_url: str | None = field(default=None, metadata={"help": "API base URL for --api-model"})
@@ -302,7 +304,8 @@ def _news_setup(args: NewsArgs, items: list[dict], index_path, index) -> dict:
     """What the report says the run was."""
     return {"articles": len(items), "questions": sum(len(it["gold"]["qa"]) for it in items),
             "labels": str(args.labels), "checkpoint": args.checkpoint or "embedded SmolLM2-135M-Instruct",
-            "adapter": args.adapter, "api_model": args.api_model, "dtype": args.dtype,
+            "adapter": args.adapter, "api_model": args.api_model,
+            "dtype": str(choose_dtype(args.dtype, "cpu")).removeprefix("torch."),  # what auto chose
             "constrained": args.constrained,
             "index": None if index is None else f"{index_path} ({len(index)} chunks, {index.embedder_name})"}
 

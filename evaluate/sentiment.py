@@ -18,19 +18,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from data import format_prompt
+from evaluate.calibrate import apply_offsets, logprob_matrix, read_offsets
 from evaluate.loaders import LABEL_ALIASES, LABELS, load_sentiment
 from evaluate.metrics import sentiment_metrics
 from generate import Generator
 from jsonl import write_json, write_jsonl
 from llm import LLM, LLMArgs
+from precision import CHOICES, choose_dtype
 
 # short on purpose: every training example pays for these tokens (with SmolLM2's default system prompt, the fixed
 # part of the prompt was two thirds of all training tokens with a 22-token instruction)
 INSTRUCTION = "Sentiment of this financial news: negative, neutral or positive?"
+# no system turn: the chat template's default one (SmolLM2: 16 tokens) was a quarter of every training example's
+# tokens and taught nothing; an empty one costs 4 (data.format_prompt)
+SYSTEM = ""
 _URL = re.compile(r"\s*https?://\S+")
 
 
@@ -50,12 +54,13 @@ def clean_text(text: str) -> str:
 def sentiment_prompt(text: str, tokenizer, shots=()) -> str:
     """The prompt before the label word: data.py's rendering of the record the converter writes for `text`, so
     training and evaluation see the same tokens (shots go into the instruction: one shared prefix)."""
-    return format_prompt(tokenizer, sentiment_instruction(shots), clean_text(text))
+    return format_prompt(tokenizer, sentiment_instruction(shots), clean_text(text), SYSTEM)
 
 
 def to_alpaca(row: dict) -> dict:
     """A labelled row as the Alpaca record train_ddp.py learns from (the answer is the bare label word)."""
-    return {"instruction": sentiment_instruction(), "input": clean_text(row["text"]), "output": row["label"]}
+    return {"system": SYSTEM, "instruction": sentiment_instruction(), "input": clean_text(row["text"]),
+            "output": row["label"]}
 
 
 def pick_shots(rows: list[dict], k: int, seed: int = 0, max_chars: int = 160) -> list[dict]:
@@ -77,9 +82,10 @@ def parse_label(answer: str) -> str | None:
     return None if m is None else LABEL_ALIASES.get(m.group(1), m.group(1))
 
 
-def load_generator(checkpoint=None, adapter=None, dtype: str = "bfloat16") -> Generator:
-    """A local model (None = the embedded SmolLM2) with an optional LoRA adapter, weights in `dtype`."""
-    return Generator.from_checkpoint(checkpoint, adapter=adapter, dtype=getattr(torch, dtype))
+def load_generator(checkpoint=None, adapter=None, dtype: str = "auto") -> Generator:
+    """A local model (None = the embedded SmolLM2) with an optional LoRA adapter, weights in `dtype` (precision.py's
+    names; auto = precision.choose_dtype's choice for the CPU)."""
+    return Generator.from_checkpoint(checkpoint, adapter=adapter, dtype=choose_dtype(dtype, "cpu"))
 
 
 def predict_local(gen, texts: list[str], shots=(), chunk: int = 256, desc: str = "score") -> list[dict]:
@@ -135,14 +141,20 @@ class SentimentArgs:
     shots_data: str | None = field(default=None, metadata={"help": "labelled file to draw shots from (not the test "
                                                                    "set), e.g. TFNS sent_train.csv"})
     limit: int = field(default=0, metadata={"help": "score only the first N rows; 0 = all"})
-    dtype: str = field(default="bfloat16", metadata={"help": "local weights dtype (float32 on CPUs without bf16)",
-                                                     "choices": ["bfloat16", "float32"]})
+    dtype: str = field(default="auto", metadata={
+        "help": "local weights dtype; auto: bf16 where the CPU/GPU runs it natively, else fp32 (precision.py)",
+        "choices": CHOICES})
     api_model: str | None = field(default=None, metadata={"help": "ask this OpenAI-compatible chat model through "
                                                                   "llm.py instead (OPENAI_API_KEY, OPENAI_BASE_URL)"})
     base_url: str | None = field(default=None, metadata={"help": "API base URL for --api-model"})
     seed: int = field(default=0, metadata={"help": "seed for choosing the shots"})
+    offsets: str | None = field(default=None, metadata={
+        "help": "calibration JSON (make sentiment's calibration_<set>.json): label-prior offsets added to a local "
+                "model's label log-probs before choosing"})
 
     def __post_init__(self):
+        if self.offsets and self.api_model:
+            raise ValueError("--offsets shifts a local model's label log-probs; an --api-model answers in words")
         if self.shots < 0 or self.limit < 0:
             raise ValueError(f"shots={self.shots} and limit={self.limit} must be >= 0")
         if self.shots and not self.shots_data:
@@ -165,10 +177,13 @@ def run_sentiment(args: SentimentArgs, gen=None) -> dict:
     else:
         gen = gen or load_generator(args.checkpoint, args.adapter, args.dtype)
         preds = predict_local(gen, [r["text"] for r in rows], shots)
+        if args.offsets:
+            labels = apply_offsets(logprob_matrix(preds), read_offsets(args.offsets))
+            preds = [{**p, "pred": label} for p, label in zip(preds, labels)]
     metrics, records = score_predictions(rows, preds)
     seconds = time.perf_counter() - t0
     metrics.update(data=str(args.data), shots=args.shots, seconds=round(seconds, 1),
                    rows_per_s=round(len(rows) / seconds, 2), model=args.api_model or args.checkpoint or "embedded",
-                   adapter=args.adapter)
+                   adapter=args.adapter, offsets=args.offsets)
     save_eval(Path(args.out), metrics, records)
     return metrics

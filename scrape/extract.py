@@ -66,10 +66,10 @@ class _Block:
     link_chars: int
     tag: str
     element: etree._Element
+    size: int = field(init=False)  # computed once: every weighting under tuning reads it
 
-    @property
-    def size(self) -> int:
-        return _size(self.text)
+    def __post_init__(self):
+        self.size = _size(self.text)
 
     @property
     def link_density(self) -> float:
@@ -109,8 +109,31 @@ def _remove(el) -> None:
     parent.remove(el)
 
 
+_BOX_CHARS = 400  # a form with its wrappers holding less text than this is a sign-up, search or login box
+
+
+def _text_len(el) -> int:
+    return len(_WS.sub(" ", "".join(el.itertext())).strip())
+
+
+def _drop_boxes(root) -> None:
+    """Remove small forms together with the small wrappers that introduce them ("Daily newsletter: start every
+    day with..."): calls to action, whatever their class names say. A form holding the page (ASP.NET) stays."""
+    for form in list(root.iter("form")):
+        if form.getparent() is None or _text_len(form) >= _BOX_CHARS:
+            continue
+        box = form
+        for _ in range(2):
+            parent = box.getparent()
+            if parent is None or parent.getparent() is None or _text_len(parent) >= _BOX_CHARS:
+                break
+            box = parent
+        _remove(box)
+
+
 def _drop_junk(root) -> None:
-    """Remove tags that never hold article text and hidden elements (in place)."""
+    """Remove sign-up boxes, tags that never hold article text and hidden elements (in place)."""
+    _drop_boxes(root)
     for el in list(root.iter()):
         if el.getparent() is None:
             continue
@@ -169,17 +192,26 @@ def _size(text: str) -> int:
     return len(text) + 2 * len(_CJK.findall(text))
 
 
-# Scoring weights, tuned on the article-extraction benchmark (bench/extract.py).
-_GOOD_MIN = 50      # non-link characters that make a block article-like
-_LINK_W = 2.0       # link characters count against a good block this many times
-_BAD_W = 0.6        # a boilerplate block counts against its containers by this much per character...
-_BAD_C = 15.0       # ...plus this much per block, so many short bits (menus) weigh a lot
-_DESC_R = 0.85      # a descendant keeping this share of the best score is the tighter, better container
+@dataclass(frozen=True)
+class Weights:
+    """The scoring weights of the generic extractor. `bench/extract.py --folds 5` fits them by grid search
+    (`GRID`) and reports the F1 of that procedure on pages it did not see; the defaults are its fit on all pages."""
+    good_min: int = 40      # non-link characters that make a block article-like (a sentence; not a label)
+    link_w: float = 1.0     # link characters count against a good block this many times
+    bad_w: float = 0.3      # a boilerplate block counts against its containers by this much per character...
+    bad_c: float = 30.0     # ...plus this much per block, so many short bits (menus) weigh a lot
+    desc_r: float = 0.85    # a descendant keeping this share of the best score is the tighter, better container
 
 
-def _good(b: _Block) -> bool:
+WEIGHTS = Weights()
+# The values the tuning procedure may choose from (the defaults were 50, 2, 0.6, 15, 0.85 when hand-tuned).
+GRID = {"good_min": (40, 50, 80), "link_w": (1.0, 2.0, 3.0), "bad_w": (0.3, 0.6, 1.0), "bad_c": (5.0, 15.0, 30.0),
+        "desc_r": (0.75, 0.85, 0.95)}
+
+
+def _good(b: _Block, w: Weights = WEIGHTS) -> bool:
     """Article-like: a sentence-sized block that is mostly not link text."""
-    return b.size - b.link_chars >= _GOOD_MIN and b.link_density < 0.7 and not _BOILER_LINE.match(b.text)
+    return b.size - b.link_chars >= w.good_min and b.link_density < 0.7 and not _BOILER_LINE.match(b.text)
 
 
 def _plain(b: _Block) -> bool:
@@ -187,13 +219,24 @@ def _plain(b: _Block) -> bool:
     return b.tag in ("p", "li", "tr") and b.link_chars == 0
 
 
-def _value(b: _Block) -> float:
-    """Container score of one block: its own words count for, link text and short snippets against."""
-    if _good(b):
-        return b.size - _LINK_W * b.link_chars
+_TEASER_END = re.compile(r"(?:\.\.\.|\u2026|\[\u2026\]|\[\.\.\.\])\s*$")
+
+
+def _teaser(b: _Block) -> bool:
+    """A linked headline with an excerpt cut off by an ellipsis: how lists of other stories show each one. (A
+    paywalled article's own last paragraph may end in an ellipsis too, but it is not a link.)"""
+    return b.link_chars > 0 and bool(_TEASER_END.search(b.text))
+
+
+def _value(b: _Block, w: Weights) -> float:
+    """Container score of one block: its own words count for, link text, teasers and short snippets against."""
+    if _teaser(b):
+        return -w.bad_w * b.size - w.bad_c
+    if _good(b, w):
+        return b.size - w.link_w * b.link_chars
     if _plain(b):
         return 0.0
-    return -_BAD_W * b.size - _BAD_C
+    return -w.bad_w * b.size - w.bad_c
 
 
 def _lineage(el, top=None):
@@ -203,14 +246,15 @@ def _lineage(el, top=None):
         el = el.getparent()
 
 
-def _furniture(blocks: list[_Block], h1, top=None) -> set:
+def _furniture(blocks: list[_Block], h1, top=None, w: Weights = WEIGHTS, seen: dict | None = None) -> set:
     """Indices of blocks inside furniture-marked elements (below `top`). Weak marks (a class word like `has-sidebar`
     on the main column) are ignored on elements holding much of the page's good text; none are on elements holding
-    the <h1>."""
+    the <h1>. `seen` caches each element's (marked, strong) across calls on one page."""
+    seen = {} if seen is None else seen
     good: dict = {}
     count: dict = {}
     for b in blocks:
-        if _good(b):
+        if _good(b, w):
             for el in _lineage(b.element, top):
                 good[el] = good.get(el, 0) + b.size
                 count[el] = count.get(el, 0) + 1
@@ -221,8 +265,10 @@ def _furniture(blocks: list[_Block], h1, top=None) -> set:
     for i, b in enumerate(blocks):
         for el in _lineage(b.element, top):
             if el not in marks:
-                strong = bool(_STRONG.search(f"{el.get('class')} {el.get('id')}"))
-                marks[el] = _marked(el) and el not in title_path and (
+                if el not in seen:
+                    seen[el] = (_marked(el), bool(_STRONG.search(f"{el.get('class')} {el.get('id')}")))
+                marked, strong = seen[el]
+                marks[el] = marked and el not in title_path and (
                     strong or good.get(el, 0) < 0.4 * total or count.get(el, 0) < 3)
             if marks[el]:
                 out.add(i)
@@ -230,11 +276,11 @@ def _furniture(blocks: list[_Block], h1, top=None) -> set:
     return out
 
 
-def _best_container(blocks: list[_Block], furniture: set):
+def _best_container(blocks: list[_Block], furniture: set, w: Weights):
     """The element maximising (good text) - (boilerplate text) over its blocks, or None."""
     score: dict = {}
     for i, b in enumerate(blocks):
-        value = -_BAD_W * b.size - _BAD_C if i in furniture else _value(b)
+        value = -w.bad_w * b.size - w.bad_c if i in furniture else _value(b, w)
         for el in (b.element, *b.element.iterancestors()):
             score[el] = score.get(el, 0.0) + value
     best = max(score, key=score.get, default=None)
@@ -242,7 +288,7 @@ def _best_container(blocks: list[_Block], furniture: set):
         return None  # nothing on the page looks like article text
     # a wrapper that adds teasers around the article scores a little higher than the article itself: take the
     # deepest element that keeps most of the best score
-    floor = _DESC_R * score[best]
+    floor = w.desc_r * score[best]
     for el in best.iterdescendants():
         if score.get(el, 0.0) >= floor and el.tag not in _FLOW_TAGS:
             best = el
@@ -269,26 +315,108 @@ def _words(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
-def generic_text(root, headings: tuple[str | None, ...] = (), standfirst: str | None = None) -> str:
-    """Main text of a parsed page by text and link density (modifies `root`). Blocks repeating one of `headings`,
-    or the `standfirst` outside a <p> (a <p> equal to the description is the lead paragraph), are metadata."""
+@dataclass
+class Prepared:
+    """A page made ready for the generic extractor: its text blocks and what counts as metadata. Scoring it with
+    other weights needs no new parse (the tuning procedure scores each page under every weight in GRID)."""
+    blocks: list[_Block]
+    h1: etree._Element | None
+    headings: tuple[str | None, ...] = ()
+    standfirst: str | None = None
+    body: etree._Element | None = None  # the page's one schema.org articleBody element, if it marks one
+    authors: tuple[str, ...] = ()        # the page's authors (metadata): a block introducing one is their bio
+    _furniture: dict = field(default_factory=dict, repr=False)  # good_min -> furniture (nothing else changes it)
+    _marks: dict = field(default_factory=dict, repr=False)
+
+    def _container(self, furniture: set, w: Weights):
+        """The best container; inside the publisher's schema.org articleBody when the page marks one (it is the
+        article by the page's own word; within it, the usual scoring still drops furniture)."""
+        if self.body is not None:
+            inside = set(self.body.iter())
+            held = [(i, b) for i, b in enumerate(self.blocks) if b.element in inside]
+            if held:
+                local = {n for n, (i, _) in enumerate(held) if i in furniture}
+                best = _best_container([b for _, b in held], local, w)
+                return self.body if best is None or best not in inside else best
+        return _best_container(self.blocks, furniture, w)
+
+    def text(self, w: Weights = WEIGHTS) -> str:
+        """Main text by text and link density. Blocks repeating one of `headings`, or the `standfirst` outside a
+        <p> (a <p> equal to the description is the lead paragraph), are metadata."""
+        blocks = self.blocks
+        if w.good_min not in self._furniture:
+            self._furniture[w.good_min] = _furniture(blocks, self.h1, w=w, seen=self._marks)
+        furniture = self._furniture[w.good_min]
+        best = self._container(furniture, w)
+        if best is None:
+            return ""
+        inside = set(best.iter())
+        repeats = {_words(h) for h in self.headings if h}
+        dek = _words(self.standfirst or "")
+        kept = [b for i, b in enumerate(blocks) if b.element in inside and i not in furniture and _keep(b)
+                and _words(b.text) not in repeats and not (b.tag != "p" and _words(b.text) == dek)
+                and not _bio(b, self.authors)]
+        # an article starts and ends with prose or plain paragraphs: other short lines at the edges are bylines,
+        # datelines, "Explore further"
+        while kept and not (_good(kept[-1], w) or _plain(kept[-1])):
+            kept.pop()
+        start = next((i for i, b in enumerate(kept) if _good(b, w) or _plain(b)), len(kept))
+        return _join(kept[start:])
+
+
+_BIO_VERB = re.compile(r"\s+(?:is|was|has|covers|writes|reports|joined|serves|holds|leads|edits)\b", re.I)
+
+
+def _bio(b: _Block, authors: tuple[str, ...]) -> bool:
+    """"Jane Doe is a markets reporter covering...": the author box, not the article."""
+    return any(len(a.split()) >= 2 and b.text.lower().startswith(a.lower()) and _BIO_VERB.match(b.text, len(a))
+               for a in authors)
+
+
+# CMS conventions for the element holding an article's body ("entry-content", "article__body", "storyBody").
+_BODY_HEAD = {"article", "entry", "post", "story", "news", "blog", "single"}
+_BODY_TAIL = {"body", "content", "text", "copy"}
+
+
+def _body_class(el) -> bool:
+    for token in f"{el.get('class', '')} {el.get('id', '')}".split():
+        words = [t.lower() for t in _SPLIT.split(token) if t]
+        if any(a in _BODY_HEAD and b in _BODY_TAIL for a, b in zip(words, words[1:])):
+            return True
+    return False
+
+
+def _marked_body(root, blocks: list[_Block]):
+    """The element the page marks as its article body: its one schema.org articleBody, else the one element (and
+    what it nests) whose class says so (entry-content, article-body, ...), if it holds most article-like text."""
+    marked = root.xpath('//*[@itemprop="articleBody"]')
+    if len(marked) == 1:
+        return marked[0]
+    good: dict = {}
+    for b in blocks:
+        if _good(b):
+            for el in _lineage(b.element):
+                good[el] = good.get(el, 0) + b.size
+    total = good.get(root, 0)
+    candidates = {el for el in good if el is not root and _body_class(el)}
+    outermost = [el for el in candidates if not any(a in candidates for a in el.iterancestors())]
+    if len(outermost) != 1:  # none, or an article in several chunks: the scoring alone decides
+        return None
+    return outermost[0] if good[outermost[0]] >= 0.5 * total else None
+
+
+def prepare(root, headings: tuple[str | None, ...] = (), standfirst: str | None = None,
+            authors: tuple[str, ...] = ()) -> Prepared:
+    """Drop what never holds article text from a parsed page (in place) and cut the rest into blocks."""
     _drop_junk(root)
     blocks = _blocks(root)
-    furniture = _furniture(blocks, next(root.iter("h1"), None))
-    best = _best_container(blocks, furniture)
-    if best is None:
-        return ""
-    inside = set(best.iter())
-    repeats = {_words(h) for h in headings if h}
-    dek = _words(standfirst or "")
-    kept = [b for i, b in enumerate(blocks) if b.element in inside and i not in furniture and _keep(b)
-            and _words(b.text) not in repeats and not (b.tag != "p" and _words(b.text) == dek)]
-    # an article starts and ends with prose or plain paragraphs: other short lines at the edges are bylines,
-    # datelines, "Explore further"
-    while kept and not (_good(kept[-1]) or _plain(kept[-1])):
-        kept.pop()
-    start = next((i for i, b in enumerate(kept) if _good(b) or _plain(b)), len(kept))
-    return _join(kept[start:])
+    return Prepared(blocks, next(root.iter("h1"), None), headings, standfirst, _marked_body(root, blocks), authors)
+
+
+def generic_text(root, headings: tuple[str | None, ...] = (), standfirst: str | None = None,
+                 w: Weights = WEIGHTS) -> str:
+    """Main text of a parsed page by text and link density (modifies `root`); see `Prepared.text`."""
+    return prepare(root, headings, standfirst).text(w)
 
 
 def selected_text(root, xpath: str) -> str:
@@ -377,21 +505,21 @@ def _first_str(value) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
-def extract_article(html: str | bytes, url: str = "", use_jsonld_body: bool = True,
-                    body_xpath: str | None = None) -> dict:
-    """Title, author, published, text, tags (and modified, description, lang, site) of one article page.
+_EMPTY = {"url": None, "title": None, "author": None, "published": None, "modified": None, "description": None,
+          "lang": None, "site": None, "tags": []}
 
-    Body: a site selector (`body_xpath`) if it matches, else the generic extractor; JSON-LD `articleBody`
-    replaces either unless it is a teaser or `use_jsonld_body` is off. `url` becomes the page's canonical URL."""
+
+def _parse(html: str | bytes):
+    """The page's root element (plain etree elements: lxml.html's classes cost a lookup per node), or None."""
     if isinstance(html, bytes):
         html = decode_html(html)
     if not html.strip():
-        return {"url": url, "title": None, "author": None, "published": None, "modified": None,
-                "description": None, "lang": None, "site": None, "tags": [], "text": ""}
-    # plain etree elements: lxml.html's element classes cost a lookup per node and we need none of their methods
-    root = etree.fromstring(html.encode("utf-8"), _HTML_PARSER)
-    if root is None:
-        return extract_article("", url)
+        return None
+    return etree.fromstring(html.encode("utf-8"), _HTML_PARSER)
+
+
+def _metadata(root, url: str) -> tuple[dict, dict]:
+    """(title, author, published, ... of the page, its JSON-LD article object or {})."""
     article = next((i for i in _jsonld_items(root) if _is_article(i)), {})
     title = _first_str(article.get("headline")) or _meta(root, "og:title", "twitter:title") \
         or root.xpath("normalize-space(//h1)") or root.findtext(".//title")
@@ -401,7 +529,7 @@ def extract_article(html: str | bytes, url: str = "", use_jsonld_body: bool = Tr
         keywords = keywords.split(",")
     tags = root.xpath('//meta[@property="article:tag"]/@content') or keywords
     canonical = root.xpath('string(//link[@rel="canonical"]/@href)').strip() or _meta(root, "og:url")
-    meta = {
+    return {
         "url": urljoin(url, canonical) if canonical else url,
         "title": _WS.sub(" ", title).strip() if title else None,
         "author": ", ".join(dict.fromkeys(authors)) or None,
@@ -412,9 +540,34 @@ def extract_article(html: str | bytes, url: str = "", use_jsonld_body: bool = Tr
         "lang": root.get("lang") or _meta(root, "og:locale"),
         "site": _meta(root, "og:site_name"),
         "tags": list(dict.fromkeys(t.strip() for t in tags if isinstance(t, str) and t.strip())),
-    }
-    text = (selected_text(root, body_xpath) if body_xpath else "") or \
-        generic_text(root, (meta["title"], _meta(root, "og:title", "twitter:title")), meta["description"])
+    }, article
+
+
+def _prepare_root(root, meta: dict) -> Prepared:
+    authors = tuple(a.strip() for a in (meta["author"] or "").split(",") if a.strip())
+    return prepare(root, (meta["title"], _meta(root, "og:title", "twitter:title")), meta["description"], authors)
+
+
+def prepare_page(html: str | bytes, url: str = "") -> Prepared:
+    """The generic path of `extract_article` up to the scoring: `prepare_page(html).text(weights)` is its text with
+    JSON-LD articleBody off (what the tuning procedure in bench/extract.py scores)."""
+    root = _parse(html)
+    if root is None:
+        return Prepared([], None)
+    return _prepare_root(root, _metadata(root, url)[0])
+
+
+def extract_article(html: str | bytes, url: str = "", use_jsonld_body: bool = True,
+                    body_xpath: str | None = None, w: Weights = WEIGHTS) -> dict:
+    """Title, author, published, text, tags (and modified, description, lang, site) of one article page.
+
+    Body: a site selector (`body_xpath`) if it matches, else the generic extractor; JSON-LD `articleBody`
+    replaces either unless it is a teaser or `use_jsonld_body` is off. `url` becomes the page's canonical URL."""
+    root = _parse(html)
+    if root is None:
+        return {**_EMPTY, "url": url, "text": ""}
+    meta, article = _metadata(root, url)
+    text = (selected_text(root, body_xpath) if body_xpath else "") or _prepare_root(root, meta).text(w)
     body = _first_str(article.get("articleBody")) if use_jsonld_body else None
     if body and "<" in body:
         body = lxml.html.fromstring(body).text_content()  # some sites put HTML in articleBody

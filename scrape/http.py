@@ -256,7 +256,8 @@ class _GuardedAdapter(requests.adapters.HTTPAdapter):
 
     def proxy_manager_for(self, proxy, **kwargs):
         manager = super().proxy_manager_for(proxy, **kwargs)
-        manager.pool_classes_by_scheme = _POOLS
+        if not proxy.lower().startswith("socks"):  # SOCKS managers bring pools of their own: left as they are
+            manager.pool_classes_by_scheme = _POOLS
         return manager
 
 

@@ -502,3 +502,25 @@ def test_imports_work_in_any_order(first):
     code = f"import {first}; from checkpoint import load_tokenizer; from tokenizer import Tokenizer"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_transform_hook_sees_each_tensor_once(tied, tmp_path):
+    """load_model(transform=fn): fn(meta_name, tensor) once per tensor, in the load dtype, and the model holds what
+    it returns (the hook a quantized base plugs into); a tied output is the embedding, transformed once."""
+    c = CONFIGS["gqa-ffnmult-tied" if tied else "mha-untied"]
+    path = write_meta(c, meta_weights(c), tmp_path / "m")
+    seen = []
+
+    def halve(name, w):
+        seen.append((name, w.dtype))
+        return w * 0.5
+
+    model = load_model(path, dtype=torch.float64, transform=halve)
+    plain = load_model(path, dtype=torch.float64)
+    names = [n for n, _ in seen]
+    assert sorted(names) == sorted(k for k in plain.state_dict() if not (tied and k == "output.weight"))
+    assert {d for _, d in seen} == {torch.float64}
+    for k, w in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[k], w * 0.5), k
+    assert (model.output.weight is model.tok_embeddings.weight) == tied

@@ -356,3 +356,36 @@ def test_a_small_integer_range_is_enforced():
         assert validate([v], schema) and not JsonConstraint(schema).feed(json.dumps([v]).encode())
     wide = JsonConstraint({"type": "integer", "minimum": 0, "maximum": 10**6})  # a wide range is left to validate
     assert wide.feed(b"2000000") and wide.complete
+
+
+def test_schemas_decoding_could_not_finish_are_refused():
+    import llm
+    from constrain import MAX_DEPTH, check_schema
+
+    assert llm.check_schema is check_schema  # the subset is defined once
+    for bad, words in (({"type": []}, "non-empty list"), ({"enum": []}, "no value can match"),
+                       ({"enum": [1, 2], "type": "string"}, "no value can match"),
+                       ({"type": "integer", "minimum": 3, "maximum": 2}, "no value can match"),
+                       ({"type": "object", "required": ["a"], "additionalProperties": False}, "'a'"),
+                       ({"properties": {"x": {"enum": []}}}, r"schema\.properties\.x"),
+                       ({"minimum": "1"}, "finite number"), ({"maximum": float("inf")}, "finite number"),
+                       ({"required": [1]}, "key names"), ({"additionalProperties": 3}, "true, false or a schema"),
+                       ({"enum": [float("nan")]}, "not JSON"), ({"enum": list(range(1025))}, "at most 1024"),
+                       (json.loads('{"items": ' * (MAX_DEPTH + 1) + "{}" + "}" * (MAX_DEPTH + 1)), "nest")):
+        with pytest.raises(ValueError, match=words):
+            JsonConstraint(bad)
+        with pytest.raises(ValueError, match=words):
+            check_schema(bad)
+    JsonConstraint(json.loads('{"items": ' * MAX_DEPTH + "{}" + "}" * MAX_DEPTH))  # as deep as allowed
+
+
+@pytest.mark.parametrize("fmt, schema", [(None, None), ({"type": "text"}, None),
+                                         ({"type": "json_object"}, {"type": "object"}),
+                                         ({"type": "json_schema", "json_schema": {"schema": TAGS}}, TAGS)])
+def test_response_format_reads_as_a_schema(fmt, schema):
+    from constrain import response_format_schema
+
+    assert response_format_schema(fmt) == schema
+    for bad in ("json", {"type": "yaml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": []}):
+        with pytest.raises(ValueError, match="response_format"):
+            response_format_schema(bad)

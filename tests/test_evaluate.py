@@ -129,6 +129,23 @@ def tiny_gen(tiny_checkpoint):
     return evaluate.load_generator(str(tiny_checkpoint), dtype="float32")
 
 
+@pytest.mark.parametrize("native, expected", [(False, "float32"), (True, "bfloat16")])
+def test_dtype_auto_follows_the_precision_policy(tiny_checkpoint, monkeypatch, native, expected):
+    """Every dtype field defaults to auto, and auto loads the weights in precision.py's choice for this CPU (faked
+    here: fp32 without native bf16, as on an AVX2-only CPU); the training flags leave it to train_ddp.py too."""
+    import torch
+
+    import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: (native, "faked for the test"))
+    assert evaluate.SentimentArgs(data="x").dtype == "auto"
+    assert evaluate.NewsArgs().dtype == evaluate.PipelineArgs().dtype == "auto"
+    assert "--precision auto" in evaluate.TRAIN_FLAGS
+    gen = evaluate.load_generator(str(tiny_checkpoint))
+    assert next(gen.model.parameters()).dtype == getattr(torch, expected)
+    assert next(evaluate.load_generator(str(tiny_checkpoint), dtype="fp32").model.parameters()).dtype == torch.float32
+
+
 def test_training_record_renders_to_the_evaluation_prompt(tiny_gen):
     """The converter's Alpaca record, encoded by data.py for training, starts with exactly the tokens the evaluator
     scores after, and its targets are the label word then EOS."""
@@ -143,6 +160,25 @@ def test_training_record_renders_to_the_evaluation_prompt(tiny_gen):
     assert [t for t in ex.labels if t != IGNORE] == answer + [tok.eos_id]
     # the label words are one token each, so score_options reads them from one position
     assert all(len(tok.encode(w)) == 1 for w in LABELS)
+
+
+def test_training_record_has_no_default_system_turn(tiny_gen, tmp_path):
+    """The record's empty `system` replaces SmolLM2's default system turn (16 tokens fewer an example, in training
+    and scoring alike); data.py validates the field and keeps it through load_records."""
+    from data import encode_example, format_prompt, load_records
+
+    tok = tiny_gen.tokenizer
+    rec = evaluate.to_alpaca({"text": "BTC up 5%", "label": "positive"})
+    with_default = tok.encode(format_prompt(tok, rec["instruction"], rec["input"]))
+    ours = encode_example(tok, rec, max_len=512).tokens
+    assert tok.system_prompt not in evaluate.sentiment_prompt(rec["input"], tok)
+    assert len(with_default) - (len(ours) - 1) == 16  # ours also holds the label word
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    assert load_records(path) == [rec]
+    path.write_text(json.dumps({**rec, "system": 3}) + "\n")
+    with pytest.raises(ValueError, match="'system' must be a string"):
+        load_records(path)
 
 
 def test_shots_share_one_prefix_and_stay_balanced(tiny_gen):
@@ -257,7 +293,7 @@ def test_convert_splits_dev_from_train_only(tmp_path):
     train = [json.loads(x) for x in train_file.read_text().splitlines()]
     dev = load_sentiment(dev_file)
     assert len(train) == 48 and len(dev) == 12
-    assert all(set(r) == {"instruction", "input", "output"} and r["output"] in LABELS for r in train)
+    assert all(set(r) == {"system", "instruction", "input", "output"} and r["output"] in LABELS for r in train)
     assert [sum(r["label"] == lab for r in dev) for lab in LABELS] == [4, 4, 4]  # stratified
     assert not {r["input"] for r in train} & {r["text"] for r in dev}
     assert {r["input"] for r in train} | {r["text"] for r in dev} == {r["text"] for r in load_sentiment(src)}
@@ -294,3 +330,14 @@ def test_sentiment_pipeline_end_to_end(shared_data, tiny_checkpoint, tmp_path):
     assert (out / "adapter" / "train_time.json").stat().st_mtime_ns == trained
     assert (out / "results.md").read_text() == report
 
+
+
+def test_python_m_evaluate_runs_the_package():
+    """`python -m evaluate` (evaluate/__main__.py) is the command; without a subcommand it prints the usage."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "evaluate"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "usage: python -m evaluate {sentiment,sentiment-pipeline,news}" in done.stderr

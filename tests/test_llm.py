@@ -559,3 +559,35 @@ def test_max_tokens_cap_bounds_every_request(tmp_path):
         llm.complete("short", max_tokens=8)
         assert [r["body"]["max_tokens"] for r in server.requests] == [16, 8]
         assert llm.chat(user("long answer please"), max_tokens=512).cached  # capped to the same request
+
+
+@needs_generate
+def test_local_backend_maps_and_bounds_parameters_as_the_server_does(tmp_path, monkeypatch):
+    """The local backend's GenerateArgs come from GenerateArgs.from_openai (serve.py's mapping), so a value the
+    server refuses is refused here too, naming the field; its dtype is precision.py's `auto` unless given."""
+    import torch
+
+    import generate
+    import precision
+    from tests.test_generate import tiny_generator
+    tiny, loads, seen = tiny_generator(seed=1), [], []
+    monkeypatch.setattr(generate.Generator, "from_checkpoint", classmethod(
+        lambda cls, checkpoint=None, adapter=None, dtype=None, device="cpu": loads.append(dtype) or tiny))
+    real = tiny.generate
+    monkeypatch.setattr(tiny, "generate", lambda rows, args: seen.extend(args) or real(rows, args))
+    with LLM(LLMArgs(backend="local", cache=None)) as llm:
+        llm.complete("ab", max_tokens=3, temperature=0.5, top_p=0.8, stop=["x"], presence_penalty=1.0)
+        [a] = seen
+        assert (a.max_new_tokens, a.temperature, a.top_p, a.stop, a.presence_penalty, a.seed) == \
+            (3, 0.5, 0.8, ("x",), 1.0, 0)  # unseeded: seed 0, so a rerun repeats
+        for params, field in (({"top_p": 0}, "top_p"), ({"temperature": 3}, "temperature"),
+                              ({"max_tokens": 0}, "max_tokens"), ({"seed": 2**70}, "seed"),
+                              ({"stop": [""]}, "stop")):
+            with pytest.raises(ValueError, match=f"^{field}="):
+                llm.complete("ab", **params)
+    assert loads == [precision.choose_dtype("auto", "cpu")]
+    with LLM(LLMArgs(backend="local", cache=None, dtype="fp32")) as llm:
+        llm.complete("ab", max_tokens=2)
+    assert loads[-1] == torch.float32
+    with pytest.raises(ValueError, match="dtype='fp64'"):
+        LLMArgs(backend="local", dtype="fp64")

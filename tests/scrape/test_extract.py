@@ -191,3 +191,54 @@ def test_cli_prints_the_article(capsys):
     assert art["title"] == "Fictional miner reports a quiet quarter" and art["text"].startswith("Placeholder Mining")
     with pytest.raises(FileNotFoundError, match="no-such.html"):
         main(["no-such.html"])
+
+
+PROSE = " ".join(f"Sentence {i} of the invented article explains what the imaginary network did next."
+                 for i in range(6))
+
+
+def _page(extra_inside: str = "", extra_after: str = "", body_attrs: str = "") -> str:
+    paragraphs = "".join(f"<p>{PROSE}</p>" for _ in range(4))
+    return (f"<html><head><title>t</title><meta name='author' content='Jane Doe'></head><body><h1>Headline</h1>"
+            f"<div{body_attrs}>{paragraphs}{extra_inside}</div>{extra_after}</body></html>")
+
+
+def test_teasers_of_other_stories_are_not_the_article():
+    teasers = "".join(f"<li><a href='/s{i}'>Other story number {i} about a made-up token</a> CITY: An invented "
+                      f"excerpt of another story that goes on for a while and is then cut off...</li>"
+                      for i in range(12))
+    text = extract_article(_page(extra_after=f"<ul>{teasers}</ul>"))["text"]
+    assert "Other story" not in text and text.count("Sentence 0") == 4
+
+
+def test_signup_boxes_and_author_bios_are_dropped():
+    box = ("<div><h3>Daily Newsletter</h3><div>Start every day with the top invented stories, features and more."
+           "</div><form><label>Your Email</label><input type='email'><button>Get it!</button></form></div>")
+    bio = "<p>Jane Doe is an invented markets reporter who covers imaginary tokens for this made-up site.</p>"
+    text = extract_article(_page(extra_inside=box + bio))["text"]
+    assert "Newsletter" not in text and "Start every day" not in text and "Jane Doe is" not in text
+    assert text.count("Sentence 0") == 4
+    # a form that holds the whole page (ASP.NET) is not a box
+    assert extract_article(_page().replace("<body>", "<body><form>").replace("</body>", "</form></body>"))["text"]
+
+
+def test_schema_org_article_body_bounds_the_container():
+    longer = "".join(f"<p>Unrelated invented feature text, item {i}, which is long and has no links at all.</p>"
+                     for i in range(30))
+    page = _page(body_attrs=' itemprop="articleBody"', extra_after=f"<div>{longer}</div>")
+    text = extract_article(page, use_jsonld_body=False)["text"]
+    assert "Unrelated" not in text and text.count("Sentence 0") == 4
+    unmarked = extract_article(page.replace(' itemprop="articleBody"', ""), use_jsonld_body=False)["text"]
+    assert "Unrelated" in unmarked  # without the mark, the longer text would have won
+
+
+def test_a_body_class_bounds_the_container_unless_the_article_is_in_chunks():
+    longer = "".join(f"<p>Unrelated invented feature text, item {i}, which is long and has no links at all.</p>"
+                     for i in range(12))  # less text than the article, in a sibling: the scoring takes both
+    page = _page(body_attrs=' class="c-entry-content main"', extra_after=f"<div>{longer}</div>")
+    text = extract_article(page, use_jsonld_body=False)["text"]
+    assert "Unrelated" not in text and text.count("Sentence 0") == 4
+    unmarked = page.replace(' class="c-entry-content main"', "")
+    assert "Unrelated" in extract_article(unmarked, use_jsonld_body=False)["text"]
+    chunks = page.replace("<div><p>Unrelated", '<div class="article__body"><p>Unrelated')
+    assert "Unrelated" in extract_article(chunks, use_jsonld_body=False)["text"]  # two marked parts: no bound
