@@ -27,11 +27,13 @@ import torch.nn.functional as F
 
 from lora import LoraArgs
 from model import ModelArgs
+from quant import weight_bytes
 
 GiB = 2**30
 # bytes per element of the frozen base, by kind. Quantized bases add their kinds here (int8, nf4: bytes per weight
 # including their scales), and Setup.base picks one.
-BASE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
+BASE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0,  # quant.py: a block matrix's bytes per weight with its scales
+              **{k: weight_bytes((4096, 4096), k) / 4096**2 for k in ("int8", "nf4")}}
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32, per adapter parameter
 # LLaMA-1 shapes (Meta's params.json), for plans without a checkpoint at hand

@@ -307,6 +307,11 @@ def quantize_model(model: nn.Module, kind: str, dtype: torch.dtype | None = None
     return _swap(model, make)
 
 
+def quantized_kind(module: nn.Module) -> str | None:
+    """The kind of the first quantized weight in module ("int8" / "nf4"), None when nothing in it is quantized."""
+    return next((m.spec.kind for m in module.modules() if isinstance(m, _Quantized)), None)
+
+
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Put plain nn.Linear / nn.Embedding modules holding the dequantized weights back (in place; tied weights stay
     tied): the base an adapter trained on a quantized model merges into (lora.merge_lora, strip_lora)."""
