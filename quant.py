@@ -40,7 +40,11 @@ _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # value x rounds to code i 
 # byte b -> (code[b >> 4], code[b & 15]) as one 64-bit word: one gather of 8 bytes dequantizes two weights
 # (index_select over this table is ~8x faster on a CPU than indexing a (16,) code table twice; measured)
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1).view(torch.int64).view(-1)
-_CHUNK = 1 << 20  # elements per pass when (de)quantizing: bounds the fp32 temporaries to ~4 MB each
+_CHUNK = 1 << 18  # elements per pass when dequantizing: fp32 temporaries of 1 MB
+# elements per pass when quantizing (once, at load): temporaries of 256 KB stay below the sizes malloc serves from
+# the heap, and the codes kept (MBs) come from mmap; with 4 MB temporaries the heap interleaved them with the codes
+# and kept up to 25% of an int8 1B model as free holes in RSS (measured)
+_QCHUNK = 1 << 16
 
 
 _BLOCK_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -84,8 +88,8 @@ def weight_bytes(shape: tuple[int, ...], kind: str, dtype: torch.dtype = torch.b
 
 
 # ------------------------------------------------------------------------------------------------ the codes
-def _row_chunks(rows: int, cols: int):
-    step = max(1, _CHUNK // max(1, cols))
+def _row_chunks(rows: int, cols: int, chunk: int | None = None):
+    step = max(1, (chunk or _CHUNK) // max(1, cols))
     for s in range(0, rows, step):
         yield slice(s, min(rows, s + step))
 
@@ -96,7 +100,7 @@ def quantize_int8(w: torch.Tensor, release: bool = False) -> tuple[torch.Tensor,
     w2 = w.reshape(w.shape[0], -1)
     q = torch.empty(w2.shape, dtype=torch.int8, device=w.device)
     absmax = torch.empty(w2.shape[0], dtype=torch.float32, device=w.device)
-    for rs in _row_chunks(*w2.shape):
+    for rs in _row_chunks(*w2.shape, _QCHUNK):
         x = w2[rs].float()  # may be w itself: nothing below writes into it
         amax = x.abs().amax(dim=1)
         absmax[rs] = amax
@@ -124,7 +128,7 @@ def quantize_nf4(w: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, 
     packed = torch.empty(rows, blocks * NF4_BLOCK // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(rows, blocks, dtype=torch.float32, device=w.device)
     mids = _NF4_MIDPOINTS.to(w.device)
-    for rs in _row_chunks(rows, cols):
+    for rs in _row_chunks(rows, cols, _QCHUNK):
         x = F.pad(w2[rs].float(), (0, blocks * NF4_BLOCK - cols)).view(-1, blocks, NF4_BLOCK)  # (r, blocks, 64)
         amax = x.abs().amax(dim=2)
         absmax[rs] = amax
@@ -347,6 +351,7 @@ class LoadQuantizer:
             return tensor
         with torch.no_grad():
             codes, scales, spec = quantize(tensor, kind_of(key, self.kind), release=True)
+        release_pages(tensor)  # again, whole: pages the kernel mapped around a chunk's (fault-around) go too
         self.parts[key] = (codes, scales, spec, self.dtype or tensor.dtype)
         return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")  # a placeholder until install()
 
