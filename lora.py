@@ -106,7 +106,7 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
-        device = base.weight.device
+        device = next(iter([*base.parameters(), *base.buffers()])).device  # quant.py bases: buffers only
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))
         # the same init as nn.Linear and peft: A uniform, B zero so training starts from the base model

@@ -24,15 +24,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-import quant
 from lora import LoraArgs
 from model import ModelArgs
+from quant import weight_bytes
 
 GiB = 2**30
-# bytes per element of the frozen base, by kind (a quantized kind counts its scales); Setup.base picks one.
-BASE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0,
-              "int8": 1.0,  # quant.py: one byte a weight + an fp32 scale a row (4 / row length: under 0.1% at 4096)
-              "nf4": (quant.NF4_BLOCK // 2 + 4) / quant.NF4_BLOCK}  # half a byte + an fp32 absmax per 64
+# bytes per element of the frozen base, by kind. Quantized bases add their kinds here (int8, nf4: bytes per weight
+# including their scales), and Setup.base picks one.
+BASE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0,  # quant.py: a block matrix's bytes per weight with its scales
+              **{k: weight_bytes((4096, 4096), k) / 4096**2 for k in ("int8", "nf4")}}
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32, per adapter parameter
 # shapes for plans without a checkpoint at hand: LLaMA-1 7B and 13B (Meta's params.json), and a 1.1B LLaMA-3.2-1B

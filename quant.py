@@ -40,7 +40,11 @@ _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # value x rounds to code i 
 # byte b -> (code[b >> 4], code[b & 15]) as one 64-bit word: one gather of 8 bytes dequantizes two weights
 # (index_select over this table is ~8x faster on a CPU than indexing a (16,) code table twice; measured)
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1).view(torch.int64).view(-1)
-_CHUNK = 1 << 20  # elements per pass when (de)quantizing: bounds the fp32 temporaries to ~4 MB each
+_CHUNK = 1 << 18  # elements per pass when dequantizing: fp32 temporaries of 1 MB
+# elements per pass when quantizing (once, at load): temporaries of 256 KB stay below the sizes malloc serves from
+# the heap, and the codes kept (MBs) come from mmap; with 4 MB temporaries the heap interleaved them with the codes
+# and kept up to 25% of an int8 1B model as free holes in RSS (measured)
+_QCHUNK = 1 << 16
 
 
 _BLOCK_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -84,23 +88,26 @@ def weight_bytes(shape: tuple[int, ...], kind: str, dtype: torch.dtype = torch.b
 
 
 # ------------------------------------------------------------------------------------------------ the codes
-def _row_chunks(rows: int, cols: int):
-    step = max(1, _CHUNK // max(1, cols))
+def _row_chunks(rows: int, cols: int, chunk: int | None = None):
+    step = max(1, (chunk or _CHUNK) // max(1, cols))
     for s in range(0, rows, step):
         yield slice(s, min(rows, s + step))
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 (rows, cols), absmax fp32 (rows,)) with w ~= q * absmax / 127."""
+def quantize_int8(w: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (rows, cols), absmax fp32 (rows,)) with w ~= q * absmax / 127. release: drop each chunk of w's
+    memory-mapped pages once read (release_pages), so a checkpoint tensor never becomes resident whole."""
     w2 = w.reshape(w.shape[0], -1)
     q = torch.empty(w2.shape, dtype=torch.int8, device=w.device)
     absmax = torch.empty(w2.shape[0], dtype=torch.float32, device=w.device)
-    for rs in _row_chunks(*w2.shape):
+    for rs in _row_chunks(*w2.shape, _QCHUNK):
         x = w2[rs].float()  # may be w itself: nothing below writes into it
         amax = x.abs().amax(dim=1)
         absmax[rs] = amax
         scale = torch.where(amax > 0, amax, 1.0) / 127  # an all-zero row stays zero
         q[rs] = (x / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        if release:
+            release_pages(w2[rs])
     return q, absmax
 
 
@@ -111,22 +118,25 @@ def dequantize_int8(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -
     return out
 
 
-def quantize_nf4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_nf4(w: torch.Tensor, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 (rows, ceil(cols/64)*32), absmax fp32 (rows, ceil(cols/64))): blocks of 64 along each row
-    (a short last block is zero-padded), two 4-bit codes a byte, the first in the high nibble."""
+    (a short last block is zero-padded), two 4-bit codes a byte, the first in the high nibble. release: as for
+    quantize_int8."""
     w2 = w.reshape(w.shape[0], -1)
     rows, cols = w2.shape
     blocks = -(-cols // NF4_BLOCK)
     packed = torch.empty(rows, blocks * NF4_BLOCK // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(rows, blocks, dtype=torch.float32, device=w.device)
     mids = _NF4_MIDPOINTS.to(w.device)
-    for rs in _row_chunks(rows, cols):
+    for rs in _row_chunks(rows, cols, _QCHUNK):
         x = F.pad(w2[rs].float(), (0, blocks * NF4_BLOCK - cols)).view(-1, blocks, NF4_BLOCK)  # (r, blocks, 64)
         amax = x.abs().amax(dim=2)
         absmax[rs] = amax
         x = x / torch.where(amax > 0, amax, 1.0)[..., None]
         codes = torch.bucketize(x, mids).to(torch.uint8).view(x.shape[0], -1, 2)  # (r, blocks * 32, 2)
         packed[rs] = codes[..., 0] << 4 | codes[..., 1]
+        if release:
+            release_pages(w2[rs])
     return packed, absmax
 
 
@@ -151,9 +161,9 @@ class QSpec:
     cols: int
 
 
-def quantize(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, QSpec]:
+def quantize(w: torch.Tensor, kind: str, release: bool = False) -> tuple[torch.Tensor, torch.Tensor, QSpec]:
     """(codes, scales, spec) of a 2-D weight."""
-    q, s = (quantize_int8 if check_kind(kind) == "int8" else quantize_nf4)(w)
+    q, s = (quantize_int8 if check_kind(kind) == "int8" else quantize_nf4)(w, release)
     return q, s, QSpec(kind, w.shape[0], w.shape[1])
 
 
@@ -163,22 +173,44 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, spec: QSpec, dtype: to
     return dequantize_nf4(codes, scales, spec.cols, dtype)
 
 
+_SPLIT = 1 << 23  # a weight of more elements (a vocabulary projection) is dequantized a block of rows at a time
+
+
+def _row_blocks(codes: torch.Tensor, scales: torch.Tensor, spec: QSpec, dtype: torch.dtype):
+    """(rows, dequantized rows) blocks of about 4M weights: the whole weight never exists in full precision."""
+    step = max(1, 4 * _CHUNK // spec.cols)
+    for s in range(0, spec.rows, step):
+        rs = slice(s, min(spec.rows, s + step))
+        yield rs, dequantize(codes[rs], scales[rs], QSpec(spec.kind, rs.stop - rs.start, spec.cols), dtype)
+
+
 class _QuantLinearFunction(torch.autograd.Function):
     """x W^T for a frozen quantized W. W is dequantized in forward and again in backward (for the input gradient)
     instead of being saved: autograd through F.linear would keep the full-precision W of every layer alive until
-    backward, as much memory as an unquantized model."""
+    backward, as much memory as an unquantized model. A large W (the output projection: 125 MiB in bf16 for a
+    32k vocabulary at dim 2048) is processed a block of output rows at a time; its input gradient sums the blocks
+    in fp32."""
 
     @staticmethod
     def forward(ctx, x, codes, scales, spec: QSpec):
         ctx.save_for_backward(codes, scales)
         ctx.spec = spec
-        return F.linear(x, dequantize(codes, scales, spec, x.dtype))
+        if spec.rows * spec.cols <= _SPLIT:
+            return F.linear(x, dequantize(codes, scales, spec, x.dtype))
+        return torch.cat([F.linear(x, w) for _, w in _row_blocks(codes, scales, spec, x.dtype)], dim=-1)
 
     @staticmethod
     def backward(ctx, g):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
         codes, scales = ctx.saved_tensors
-        grad_x = g @ dequantize(codes, scales, ctx.spec, g.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None
+        spec = ctx.spec
+        if spec.rows * spec.cols <= _SPLIT:
+            return g @ dequantize(codes, scales, spec, g.dtype), None, None, None
+        grad = torch.zeros(*g.shape[:-1], spec.cols, dtype=torch.float32, device=g.device)
+        for rs, w in _row_blocks(codes, scales, spec, torch.float32):
+            grad += g[..., rs].float() @ w
+        return grad.to(g.dtype), None, None, None
 
 
 class _Quantized(nn.Module):
@@ -279,6 +311,11 @@ def quantize_model(model: nn.Module, kind: str, dtype: torch.dtype | None = None
     return _swap(model, make)
 
 
+def quantized_kind(module: nn.Module) -> str | None:
+    """The kind of the first quantized weight in module ("int8" / "nf4"), None when nothing in it is quantized."""
+    return next((m.spec.kind for m in module.modules() if isinstance(m, _Quantized)), None)
+
+
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Put plain nn.Linear / nn.Embedding modules holding the dequantized weights back (in place; tied weights stay
     tied): the base an adapter trained on a quantized model merges into (lora.merge_lora, strip_lora)."""
@@ -313,9 +350,9 @@ class LoadQuantizer:
         if self.kind == "none" or not key.endswith(".weight") or module not in _BLOCK_NAMES + _VOCAB_NAMES:
             return tensor
         with torch.no_grad():
-            codes, scales, spec = quantize(tensor, kind_of(key, self.kind))
+            codes, scales, spec = quantize(tensor, kind_of(key, self.kind), release=True)
+        release_pages(tensor)  # again, whole: pages the kernel mapped around a chunk's (fault-around) go too
         self.parts[key] = (codes, scales, spec, self.dtype or tensor.dtype)
-        release_pages(tensor)
         return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")  # a placeholder until install()
 
     def install(self, model: nn.Module) -> nn.Module:

@@ -44,7 +44,7 @@ from lora import LoraArgs, apply_lora, export_peft, load_adapter, save_adapter
 from memory_plan import Plan, Setup, attention_kernel, device_bytes, model_args_of, plan
 from model import ModelArgs, Transformer, TransformerBlock
 from precision import choose_dtype
-from quant import KINDS, load_quantized, quantize_model
+from quant import KINDS, load_quantized, quantize_model, quantized_kind
 
 
 @dataclass
@@ -472,6 +472,14 @@ class Run:
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def base_kind(model: Transformer) -> str | None:
+    """The kind of the frozen block weights (memory_plan.BASE_BYTES), from the first frozen weight of a block."""
+    if quantized_kind(model.layers[0]):
+        return quantized_kind(model.layers[0])
+    frozen = next(p for p in model.layers[0].parameters() if not p.requires_grad)
+    return DTYPE_NAMES.get(frozen.dtype)
 
 
 def memory_plan(targs: TrainArgs, margs: ModelArgs, rt: Runtime, base: str | None = None) -> Plan:

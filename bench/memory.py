@@ -2,7 +2,8 @@
 a 1B-shaped LLaMA, and loading a 7B-shaped one, for our fp32 / bf16 / int8 / nf4.
 
     python -m bench.memory                   # the 1B step, then the 7B load where the free memory allows
-    python -m bench.memory --no-7b           # only the 1B step
+    python -m bench.memory --no-run-7b       # only the 1B step
+    python -m bench.memory --no-run-1b       # only the 7B load
     python -m bench.memory --tiny            # small shapes, seconds (a smoke run)
 
 Random bf16 weights are written once per shape to a temporary folder (an HF safetensors folder for transformers and
@@ -10,7 +11,8 @@ the same tensors as a Meta consolidated.00.pth for ours: the HF loader copies th
 rotary permutation, which would measure that copy, not the quantization) and deleted right after that shape's
 measurements. Each measurement runs in a fresh subprocess: the peak RSS (VmHWM, reset through /proc/self/clear_refs
 after the imports) minus the RSS before loading, after every weight page was read (so memory-mapped weights count),
-and for the 1B step after one AdamW step of r=16 adapters on wq/wv (q_proj/v_proj) over --seq-len tokens.
+and for the 1B step after one AdamW step of r=16 adapters on wq/wv (q_proj/v_proj) over --seq-len tokens, with
+activation checkpointing on both sides unless --no-checkpointing.
 A 7B measurement runs only when /proc/meminfo's MemAvailable exceeds its need + 4 GiB; fp32-7B (27 GB) is skipped.
 Prints `<target>: <ratio>x (goal <= n)`: int8 <= 0.55x and nf4 <= 0.35x of the bf16 reference's bytes.
 """
@@ -25,16 +27,19 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl, apply_activation_checkpointing,
+                                                                         checkpoint_wrapper)
 
 from checkpoint.hf import hf_config
 from checkpoint.names import HF_TO_META, expand
 from cli import parse_args
 from lora import LoraArgs, apply_lora
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, TransformerBlock
 from quant import frozen_bytes, load_quantized
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,10 +56,14 @@ GOALS = {"int8": 0.55, "nf4": 0.35}
 @dataclass
 class BenchArgs:
     seq_len: int = field(default=128, metadata={"help": "tokens in the one LoRA training step"})
+    run_1b: bool = field(default=True, metadata={"help": "measure loading + one LoRA step on a 1B-shaped model"})
     run_7b: bool = field(default=True, metadata={"help": "also measure loading a 7B-shaped model (memory allowing)"})
     tiny: bool = field(default=False, metadata={"help": "small shapes for a quick smoke run"})
     work_dir: str = field(default="", metadata={"help": "where the temporary checkpoints go (default: system temp)"})
     threads: int = field(default=2, metadata={"help": "torch threads in each measurement"})
+    checkpointing: bool = field(default=True, metadata={
+        "help": "activation checkpointing in the step, on both sides (QLoRA's recipe; without it the saved "
+                "activations, equal on both sides, weigh on every ratio)"})
 
     def __post_init__(self):
         if self.seq_len < 2 or self.threads < 1:
@@ -122,22 +131,28 @@ def _touch(tensors) -> None:
                 t.detach().reshape(-1).view(torch.uint8)[::4096].sum()
 
 
-def _ours(path: str, kind: str, dtype: str, step: bool, seq_len: int) -> None:
+def _ours(path: str, kind: str, dtype: str, step: bool, seq_len: int, checkpointing: bool) -> None:
     model = load_quantized(path, kind, dtype=getattr(torch, dtype))
     _touch([*model.parameters(), *model.buffers()])
     if step:
         apply_lora(model, LoraArgs(r=16, alpha=32, dropout=0.0, targets=("wq", "wv")))
+        if checkpointing:  # as train_ddp.wrap_model does for --activation-checkpointing
+            apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock),
+                                           checkpoint_wrapper_fn=partial(checkpoint_wrapper,
+                                                                         checkpoint_impl=CheckpointImpl.NO_REENTRANT))
         tokens = torch.randint(0, model.args.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
         _step(model.train(), lambda: (lambda s, n: s / n)(*model(tokens[:, :-1], labels=tokens[:, 1:])))
 
 
-def _reference(path: str, step: bool, seq_len: int) -> None:
+def _reference(path: str, step: bool, seq_len: int, checkpointing: bool) -> None:
     from peft import LoraConfig, get_peft_model  # lazy: the reference libraries, heavy, needed in its child only
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     _touch([*model.parameters(), *model.buffers()])
     if step:
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                  target_modules=["q_proj", "v_proj"]))
         tokens = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
@@ -162,9 +177,9 @@ def measure_child(spec: dict) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the imports' own peak is not counted
     base, t = _status("VmRSS"), time.perf_counter()
     if spec["impl"] == "transformers":
-        _reference(spec["path"], spec["step"], spec["seq_len"])
+        _reference(spec["path"], spec["step"], spec["seq_len"], spec["checkpointing"])
     else:
-        _ours(spec["path"], spec["kind"], spec["dtype"], spec["step"], spec["seq_len"])
+        _ours(spec["path"], spec["kind"], spec["dtype"], spec["step"], spec["seq_len"], spec["checkpointing"])
     return {"peak": _status("VmHWM") - base, "base": base, "seconds": time.perf_counter() - t}
 
 
@@ -202,14 +217,15 @@ def run_shape(shape: str, step: bool, args: BenchArgs, root: Path) -> dict[str, 
         for label, impl, kind, dtype in CASES:
             need = _need(shape, kind, dtype)
             if not step and dtype == "float32" and not args.tiny:
-                print(f"  {label}: skipped ({need / 1e9:.0f} GB of fp32 weights do not fit this 24 GiB box)")
+                print(f"  {label}: skipped ({need / 1e9:.0f} GB of fp32 weights do not fit this 24 GiB box)", flush=True)
                 continue
             if mem_available() < need + 4 * GiB:
                 print(f"  {label}: skipped (needs {need / GiB:.1f} GiB + 4 GiB, MemAvailable "
-                      f"{mem_available() / GiB:.1f} GiB)")
+                      f"{mem_available() / GiB:.1f} GiB)", flush=True)
                 continue
             spec = {"impl": impl, "path": str(hf if impl == "transformers" else meta), "kind": kind, "dtype": dtype,
-                    "step": step, "seq_len": args.seq_len, "threads": args.threads}
+                    "step": step, "seq_len": args.seq_len, "threads": args.threads,
+                    "checkpointing": args.checkpointing}
             results[label] = measure(spec)
             r = results[label]
             print(f"  {label:24s} peak {r['peak'] / GiB:6.2f} GiB  (weights {need / GiB:5.2f} GiB, "
@@ -220,15 +236,19 @@ def run_shape(shape: str, step: bool, args: BenchArgs, root: Path) -> dict[str, 
     return results
 
 
-def goal_lines(target: str, results: dict[str, dict]) -> list[str]:
+def goal_lines(target: str, shape: str, results: dict[str, dict]) -> list[str]:
+    """The goal lines; without a measured reference (it did not fit), against the bytes of its bf16 weights, which
+    it holds at the least."""
     ref = results.get("transformers+peft bf16")
+    denominator, against = (ref["peak"], "") if ref else (_need(shape, "none", "bfloat16"), ", against the bf16 "
+                                                          "weights' bytes: the reference did not fit")
     lines = []
     for kind, goal in GOALS.items():
         ours = results.get(f"ours {kind}")
-        if ref is None or ours is None:
+        if ours is None:
             lines.append(f"{target}_{kind}: not measured (goal <= {goal}x)")
         else:
-            lines.append(f"{target}_{kind}: {ours['peak'] / ref['peak']:.2f}x (goal <= {goal}x)")
+            lines.append(f"{target}_{kind}: {ours['peak'] / denominator:.2f}x (goal <= {goal}x{against})")
     return lines
 
 
@@ -238,11 +258,13 @@ def main(argv: list[str] | None = None) -> None:
     prefix = "tiny-" if args.tiny else ""
     lines = []
     try:
-        print(f"1B-shaped LLaMA: load + one LoRA step ({args.seq_len} tokens), peak RSS growth", flush=True)
-        lines += goal_lines("memory_1b_step", run_shape(prefix + "1B", True, args, root))
+        if args.run_1b:
+            print(f"1B-shaped LLaMA: load + one LoRA step ({args.seq_len} tokens, activation checkpointing "
+                  f"{'on' if args.checkpointing else 'off'}), peak RSS growth", flush=True)
+            lines += goal_lines("memory_1b_step", prefix + "1B", run_shape(prefix + "1B", True, args, root))
         if args.run_7b:
             print("7B-shaped LLaMA: load, peak RSS growth", flush=True)
-            lines += goal_lines("memory_7b_load", run_shape(prefix + "7B", False, args, root))
+            lines += goal_lines("memory_7b_load", prefix + "7B", run_shape(prefix + "7B", False, args, root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     for line in lines:
