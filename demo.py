@@ -11,6 +11,7 @@ ARGS="--backend openai"`) or a 7B checkpoint for real runs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -92,62 +93,70 @@ def run_demo(args: DemoArgs, log=print) -> Path:
                                    instructions=min(args.instructions, 4))
     llm_args = LLMArgs(backend="local", checkpoint=checkpoint, cache=str(out / "llm.sqlite"), concurrency=8,
                        max_tokens_cap=args.max_tokens)
-    timings, cpu, stats = {}, {}, {}
+    clock, stats = StageClock(log), {}
 
-    def stage(name):
-        log(f"\n== {name} ==")
-        timings[name], cpu[name] = time.perf_counter(), time.process_time()
+    with clock("articles"):  # the offline stand-in for `make scrape`; the last --heldout articles: evaluation only
+        articles, train_articles, heldout_labels, stats["articles"] = split_articles(args, out)
 
-    def done(name):  # CPU seconds beside wall seconds: on a shared machine the wall time also measures the others
-        timings[name], cpu[name] = time.perf_counter() - timings[name], time.process_time() - cpu[name]
-        log(f"   {name}: {timings[name]:.0f} s ({cpu[name]:.0f} CPU s, load {os.getloadavg()[0]:.1f})")
+    with clock("annotate"):
+        stats["annotate"] = annotate_file(AnnotateArgs(articles=str(train_articles),
+                                                       out=str(out / "annotations.jsonl"), limit=args.annotate_limit),
+                                          llm_args)
 
-    stage("articles")  # the offline stand-in for `make scrape`; the last --heldout articles are for evaluation only
+    with clock("self-instruct"), LLM(llm_args) as llm:
+        seeds = dict(seed_tasks=SHARED_SEEDS) if SHARED_SEEDS.is_file() else dict(human_seeds=False)
+        stats["selfinstruct"] = selfinstruct(SelfInstructArgs(
+            out=out / "selfinstruct", num_instructions=args.instructions, articles=train_articles,
+            max_articles=args.ground_articles, seed=args.seed, **seeds), llm)
+
+    adapter, index_dir = out / "train" / "adapter", out / "index"
+    with clock("train"):
+        if not (adapter / "adapter.safetensors").is_file():  # written once training has finished
+            checkpoints = out / "train" / "checkpoints"
+            train(TrainArgs(data=str(out / "selfinstruct" / "train.jsonl"), out=str(out / "train"),
+                            checkpoint=checkpoint, max_steps=args.train_steps, micro_batch_size=4, max_len=256,
+                            warmup_steps=4, eval_every=args.train_steps, save_every=10, seed=args.seed,
+                            resume=checkpoints.is_dir() and any(checkpoints.iterdir())))
+
+    with clock("index"):
+        build_index(IndexArgs(articles=articles, out=index_dir), ChunkArgs(), progress=True)
+
+    with clock("evaluate"):
+        stats["evaluate"] = evaluate_news(NewsArgs(articles=str(articles), labels=str(heldout_labels),
+                                                   checkpoint=checkpoint, adapter=str(adapter), index=str(index_dir),
+                                                   out=str(out / "eval"), dtype=eval_dtype(args.smoke)))
+    return write_report(out, stats, clock.wall, clock.cpu)
+
+
+class StageClock:
+    """`with clock(name):` logs a stage's header, then its wall and CPU seconds and the load: on a shared machine
+    the wall time also measures the others."""
+
+    def __init__(self, log):
+        self.log, self.wall, self.cpu = log, {}, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.log(f"\n== {name} ==")
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.wall[name], self.cpu[name] = time.perf_counter() - wall, time.process_time() - cpu
+        self.log(f"   {name}: {self.wall[name]:.0f} s ({self.cpu[name]:.0f} CPU s, load {os.getloadavg()[0]:.1f})")
+
+
+def split_articles(args: DemoArgs, out: Path) -> tuple[Path, Path, Path, int]:
+    """Copy the corpus to out; (all articles, those for annotation and training, gold labels of the last --heldout
+    articles, the number of articles)."""
     articles = out / "articles.jsonl"
     shutil.copyfile(args.articles, articles)
-    lines = [line for line in articles.read_text(encoding="utf-8").split("\n") if line.strip()]  # not splitlines: U+2028
+    # split on "\n", not splitlines: an article may hold a U+2028
+    lines = [line for line in articles.read_text(encoding="utf-8").split("\n") if line.strip()]
     train_articles, heldout_urls = out / "articles_train.jsonl", {json.loads(x)["url"] for x in lines[-args.heldout:]}
     write_atomic(train_articles, "".join(x + "\n" for x in lines[:-args.heldout]))
     labels = [x for x in Path(args.labels).read_text(encoding="utf-8").split("\n") if x.strip()]
     heldout_labels = out / "labels_heldout.jsonl"
     write_atomic(heldout_labels, "".join(x + "\n" for x in labels if json.loads(x)["url"] in heldout_urls))
-    stats["articles"] = len(lines)
-    done("articles")
-
-    stage("annotate")
-    stats["annotate"] = annotate_file(AnnotateArgs(articles=str(train_articles), out=str(out / "annotations.jsonl"),
-                                                   limit=args.annotate_limit), llm_args)
-    done("annotate")
-
-    stage("self-instruct")
-    seeds = dict(seed_tasks=SHARED_SEEDS) if SHARED_SEEDS.is_file() else dict(human_seeds=False)
-    si_args = SelfInstructArgs(out=out / "selfinstruct", num_instructions=args.instructions, articles=train_articles,
-                               max_articles=args.ground_articles, seed=args.seed, **seeds)
-    with LLM(llm_args) as llm:
-        stats["selfinstruct"] = selfinstruct(si_args, llm)
-    done("self-instruct")
-
-    stage("train")
-    adapter = out / "train" / "adapter"
-    if not (adapter / "adapter.safetensors").is_file():  # written once training has finished
-        checkpoints = out / "train" / "checkpoints"
-        train(TrainArgs(data=str(out / "selfinstruct" / "train.jsonl"), out=str(out / "train"), checkpoint=checkpoint,
-                        max_steps=args.train_steps, micro_batch_size=4, max_len=256, warmup_steps=4,
-                        eval_every=args.train_steps, save_every=10, seed=args.seed,
-                        resume=checkpoints.is_dir() and any(checkpoints.iterdir())))
-    done("train")
-
-    stage("index")
-    index_dir = out / "index"
-    build_index(IndexArgs(articles=articles, out=index_dir), ChunkArgs(), progress=True)
-    done("index")
-
-    stage("evaluate")
-    stats["evaluate"] = evaluate_news(NewsArgs(articles=str(articles), labels=str(heldout_labels),
-                                               checkpoint=checkpoint, adapter=str(adapter), index=str(index_dir),
-                                               out=str(out / "eval"), dtype=eval_dtype(args.smoke)))
-    done("evaluate")
-    return write_report(out, stats, timings, cpu)
+    return articles, train_articles, heldout_labels, len(lines)
 
 
 def eval_dtype(smoke: bool) -> str:
