@@ -304,7 +304,7 @@ def test_merged_hf_folder_runs_in_transformers_pipeline(embedded, tmp_path):
     merged = strip_lora(model)
     with torch.no_grad():
         assert (hf(tokens()).logits - merged(tokens())).abs().max().item() < 1e-4
-    [res] = Generator.from_checkpoint(out).chat([CHAT], GenerateArgs(max_new_tokens=12))
+    [res] = Generator.from_checkpoint(out, dtype="fp32").chat([CHAT], GenerateArgs(max_new_tokens=12))
     assert pipeline_tokens(out, CHAT, 12) == res.token_ids
 
 
@@ -315,7 +315,7 @@ def test_merged_smollm2_hf_folder_answers_in_pipeline_as_generate(merged_smollm2
     out = tmp_path / "merged-hf"
     main(["merge", "--adapter", str(d / "adapter"), "--out", str(out), "--format", "hf"])
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-    [res] = Generator.from_checkpoint(out).chat([messages], GenerateArgs(max_new_tokens=48))
+    [res] = Generator.from_checkpoint(out, dtype="fp32").chat([messages], GenerateArgs(max_new_tokens=48))
     assert res.finish_reason == "stop"
     assert pipeline_tokens(out, messages, 48) == res.token_ids
 
