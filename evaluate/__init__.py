@@ -22,12 +22,13 @@ from evaluate.news import (CLOSED_BOOK_INSTRUCTION, NEWS_SYSTEMS, NewsArgs, eval
                            extraction_instruction, extraction_schema, load_news, parse_extraction)
 from evaluate.pipeline import TFNS_DIR, TRAIN_FLAGS, PipelineArgs, convert, run_pipeline, split_dev, tfidf_classifier
 from evaluate.report import NEWS_METRICS, PUBLISHED
-from evaluate.sentiment import (INSTRUCTION, SentimentArgs, clean_text, load_generator, parse_label, pick_shots,
-                                predict_api, predict_local, run_sentiment, save_eval, score_predictions,
-                                sentiment_instruction, sentiment_prompt, to_alpaca)
+from evaluate.sentiment import (HEADLINE_INSTRUCTION, INSTRUCTION, PROMPTS, SentimentArgs, clean_text,
+                                load_generator, parse_label, pick_shots, predict_api, predict_local, run_sentiment,
+                                save_eval, score_predictions, sentiment_instruction, sentiment_prompt, to_alpaca)
 
-__all__ = ["CLOSED_BOOK_INSTRUCTION", "COMMANDS", "INSTRUCTION", "LABELS", "LABEL_ALIASES", "NEWS_METRICS",
-           "NEWS_SYSTEMS", "PUBLISHED", "TFNS_DIR", "TFNS_LABELS", "TRAIN_FLAGS", "NewsArgs", "PipelineArgs",
+__all__ = ["CLOSED_BOOK_INSTRUCTION", "COMMANDS", "HEADLINE_INSTRUCTION", "INSTRUCTION", "LABELS", "LABEL_ALIASES",
+           "NEWS_METRICS", "NEWS_SYSTEMS", "PROMPTS", "PUBLISHED", "TFNS_DIR", "TFNS_LABELS", "TRAIN_FLAGS", "NewsArgs",
+           "PipelineArgs",
            "SentimentArgs", "clean_text", "coin_counts", "convert", "evaluate_news", "event_metrics",
            "extraction_decoding_schema", "extraction_instruction", "extraction_schema", "load_generator",
            "load_news", "load_sentiment", "main", "normalize_answer", "parse_extraction", "parse_label",

@@ -21,11 +21,12 @@ from pathlib import Path
 
 from cli import parse_args
 from evaluate.calibrate import apply_offsets, fit_offsets, logprob_matrix, out_of_fold
+from evaluate.headlines import headlines
 from evaluate.loaders import LABELS, SHIPPED_SYSTEMS, load_labelled, load_sentiment
 from evaluate.metrics import sentiment_metrics, summary
 from evaluate.report import HUMAN, sentiment_report
-from evaluate.sentiment import clean_text, load_generator, pick_shots, predict_local, save_eval, score_predictions, \
-    to_alpaca
+from evaluate.sentiment import (INSTRUCTION, clean_text, load_generator, pick_shots, predict_local, save_eval,
+                                score_predictions, to_alpaca)
 from jsonl import write_json, write_jsonl
 from precision import CHOICES
 from train_ddp import TrainArgs, checkpoints, train
@@ -52,16 +53,21 @@ def split_dev(rows: list[dict], fraction: float, seed: int = 0) -> tuple[list[di
 
 
 def convert(train_file: str | Path, out_dir: str | Path, dev_fraction: float = 0.05, seed: int = 0,
-            limit: int = 0) -> tuple[Path, Path]:
+            limit: int = 0, crypto_headlines: int = 0) -> tuple[Path, Path]:
     """Labelled training rows -> out_dir/train.jsonl (Alpaca records for train_ddp.py) and out_dir/dev.jsonl
-    ({text, label} rows held out from the same file, for choosing hyperparameters without the test set)."""
+    ({text, label} rows held out from the same file, for choosing hyperparameters without the test set).
+    crypto_headlines > 0 mixes that many template headlines (evaluate/headlines.py) into train, shuffled in, under
+    their own instruction (the headline prompt, evaluate/sentiment.py)."""
     rows = load_sentiment(train_file)
     if limit:
         rows = random.Random(seed).sample(rows, min(limit, len(rows)))
     train_rows, dev = split_dev(rows, dev_fraction, seed)
+    records = [to_alpaca(r) for r in train_rows]
+    records += [to_alpaca(r, "headline") for r in headlines(crypto_headlines, seed)]
+    random.Random(seed).shuffle(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "train.jsonl", map(to_alpaca, train_rows), ensure_ascii=True)
+    write_jsonl(out_dir / "train.jsonl", records, ensure_ascii=True)
     write_jsonl(out_dir / "dev.jsonl", dev, ensure_ascii=True)
     return out_dir / "train.jsonl", out_dir / "dev.jsonl"
 
@@ -79,10 +85,16 @@ class PipelineArgs:
     checkpoint: str | None = field(default=None, metadata={"help": "base model; none = the embedded SmolLM2"})
     train_flags: str = field(default=TRAIN_FLAGS, metadata={"help": "flags for train_ddp.py (--data, --out and "
                                                                     "--checkpoint are set here)"})
+    crypto_headlines: int = field(default=2000, metadata={
+        "help": "template crypto-news headlines (evaluate/headlines.py, labelled by the event they report) mixed into "
+                "the training rows: the crypto register the tweets lack; 0 = the training set alone"})
     dev_fraction: float = field(default=0.05, metadata={"help": "share of the training set held out as dev"})
     shots: int = field(default=3, metadata={"help": "examples in the few-shot baseline's prompt"})
     limit: int = field(default=0, metadata={"help": "use only N training rows and N rows of each test set (a "
                                                     "quick run); 0 = all"})
+    headline_sets: tuple[str, ...] = field(default=("crypto",), metadata={
+        "help": "test sets (names among --tests) that every local model scores with the crypto-headline prompt, the "
+                "one the template headlines train; the others take the financial-news prompt"})
     calibrate_on: str = field(default="crypto", metadata={
         "help": "a dev set among --tests whose label prior our LoRA's scores are calibrated to (log-prior offsets "
                 "chosen on it, scored out-of-fold; evaluate/calibrate.py); empty = none"})
@@ -95,15 +107,15 @@ class PipelineArgs:
     seed: int = field(default=0, metadata={"help": "seed for the dev split and the shots"})
 
     def __post_init__(self):
-        self.tests = tuple(self.tests)
+        self.tests, self.headline_sets = tuple(self.tests), tuple(self.headline_sets)
         for t in self.tests:
             if "=" not in t:
                 raise ValueError(f"tests entry {t!r} must be name=path, e.g. tfns=sent_valid.csv")
         if not 0 < self.dev_fraction < 1:
             raise ValueError(f"dev_fraction={self.dev_fraction} must be in (0, 1)")
-        if self.shots < 0 or self.limit < 0 or self.baseline_rows < 0:
-            raise ValueError(f"shots={self.shots}, limit={self.limit} and baseline_rows={self.baseline_rows} must "
-                             "be >= 0")
+        if min(self.shots, self.limit, self.baseline_rows, self.crypto_headlines) < 0:
+            raise ValueError(f"shots={self.shots}, limit={self.limit}, baseline_rows={self.baseline_rows} and "
+                             f"crypto_headlines={self.crypto_headlines} must be >= 0")
 
 
 def train_adapter(args: PipelineArgs, train_file: Path) -> Path:
@@ -190,7 +202,8 @@ class _Scorer:
         if self.gen is None or self.gen_key != str(adapter):
             self.gen = None  # one model in memory at a time
             self.gen, self.gen_key = load_generator(self.args.checkpoint, adapter, self.args.dtype), str(adapter)
-        return predict_local(self.gen, texts, shots, desc=f"{system} / {set_name}")
+        prompt = "headline" if set_name in self.args.headline_sets else "news"
+        return predict_local(self.gen, texts, shots, desc=f"{system} / {set_name}", prompt=prompt)
 
 
 def _rows_for(args: PipelineArgs, how, set_name: str, rows: list[dict]) -> list[dict]:
@@ -223,10 +236,15 @@ def run_pipeline(args: PipelineArgs) -> dict:
     """convert -> baselines -> LoRA train -> score it -> results.md + sentiment.png; every system is scored on dev
     and each test set. Finished stages are kept, so a rerun resumes. Returns {system: {set: metrics summary}}."""
     out = Path(args.out)
-    train_file, dev_file = convert(args.train_data, out / "data", args.dev_fraction, args.seed, args.limit)
-    train_rows = [{"text": r["input"], "label": r["output"]} for r in map(json.loads, train_file.open())]
+    n_headlines = min(args.crypto_headlines, args.limit // 3) if args.limit else args.crypto_headlines
+    train_file, dev_file = convert(args.train_data, out / "data", args.dev_fraction, args.seed, args.limit,
+                                   n_headlines)
+    records = [json.loads(line) for line in train_file.open()]
+    train_rows = [{"text": r["input"], "label": r["output"]} for r in records]
     sets = _test_sets(args, dev_file)
-    shots = pick_shots(train_rows, args.shots, args.seed)
+    # the base model's shots: rows of the training file itself (not the template headlines)
+    shots = pick_shots([row for row, r in zip(train_rows, records) if r["instruction"] == INSTRUCTION], args.shots,
+                       args.seed)
     adapter = out / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         train_adapter(args, train_file)

@@ -32,18 +32,26 @@ from precision import CHOICES, choose_dtype
 # short on purpose: every training example pays for these tokens (with SmolLM2's default system prompt, the fixed
 # part of the prompt was two thirds of all training tokens with a 22-token instruction)
 INSTRUCTION = "Sentiment of this financial news: negative, neutral or positive?"
+# crypto-news headlines are judged as a crypto reader judges them (a listing, an integration or a funding round is
+# good news, where the tweets call a company's announcement neutral): their own task, trained on the template
+# headlines (evaluate/headlines.py), so the two label conventions do not pull one prompt apart
+HEADLINE_INSTRUCTION = "Sentiment of this crypto news headline: negative, neutral or positive?"
+PROMPTS = {"news": INSTRUCTION, "headline": HEADLINE_INSTRUCTION}
 # no system turn: the chat template's default one (SmolLM2: 16 tokens) was a quarter of every training example's
 # tokens and taught nothing; an empty one costs 4 (data.format_prompt)
 SYSTEM = ""
 _URL = re.compile(r"\s*https?://\S+")
 
 
-def sentiment_instruction(shots=()) -> str:
-    """The instruction, followed by worked examples ({text, label}) when shots are given."""
+def sentiment_instruction(shots=(), prompt: str = "news") -> str:
+    """The instruction of `prompt` (news or headline, PROMPTS), followed by worked examples ({text, label}) when
+    shots are given."""
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt={prompt!r} must be one of {', '.join(PROMPTS)}")
     if not shots:
-        return INSTRUCTION
+        return PROMPTS[prompt]
     examples = "\n\n".join(f"Text: {clean_text(s['text'])}\nAnswer: {s['label']}" for s in shots)
-    return f"{INSTRUCTION}\n\nExamples:\n\n{examples}"
+    return f"{PROMPTS[prompt]}\n\nExamples:\n\n{examples}"
 
 
 def clean_text(text: str) -> str:
@@ -51,15 +59,15 @@ def clean_text(text: str) -> str:
     return _URL.sub("", text).strip() or text
 
 
-def sentiment_prompt(text: str, tokenizer, shots=()) -> str:
+def sentiment_prompt(text: str, tokenizer, shots=(), prompt: str = "news") -> str:
     """The prompt before the label word: data.py's rendering of the record the converter writes for `text`, so
     training and evaluation see the same tokens (shots go into the instruction: one shared prefix)."""
-    return format_prompt(tokenizer, sentiment_instruction(shots), clean_text(text), SYSTEM)
+    return format_prompt(tokenizer, sentiment_instruction(shots, prompt), clean_text(text), SYSTEM)
 
 
-def to_alpaca(row: dict) -> dict:
+def to_alpaca(row: dict, prompt: str = "news") -> dict:
     """A labelled row as the Alpaca record train_ddp.py learns from (the answer is the bare label word)."""
-    return {"system": SYSTEM, "instruction": sentiment_instruction(), "input": clean_text(row["text"]),
+    return {"system": SYSTEM, "instruction": sentiment_instruction((), prompt), "input": clean_text(row["text"]),
             "output": row["label"]}
 
 
@@ -88,12 +96,13 @@ def load_generator(checkpoint=None, adapter=None, dtype: str = "auto") -> Genera
     return Generator.from_checkpoint(checkpoint, adapter=adapter, dtype=choose_dtype(dtype, "cpu"))
 
 
-def predict_local(gen, texts: list[str], shots=(), chunk: int = 256, desc: str = "score") -> list[dict]:
+def predict_local(gen, texts: list[str], shots=(), chunk: int = 256, desc: str = "score",
+                  prompt: str = "news") -> list[dict]:
     """{pred, logprobs} per text: score_options over the label words (the shared prompt prefix runs once a chunk)."""
     out = []
     with tqdm(total=len(texts), desc=desc, unit="row", dynamic_ncols=True) as bar:
         for i in range(0, len(texts), chunk):
-            prompts = [sentiment_prompt(t, gen.tokenizer, shots) for t in texts[i:i + chunk]]
+            prompts = [sentiment_prompt(t, gen.tokenizer, shots, prompt) for t in texts[i:i + chunk]]
             scores = gen.score_options(prompts, list(LABELS))  # (n, 3) summed log-probs
             for row in scores.tolist():
                 out.append({"pred": LABELS[int(np.argmax(row))], "logprobs": dict(zip(LABELS, row))})
@@ -101,10 +110,10 @@ def predict_local(gen, texts: list[str], shots=(), chunk: int = 256, desc: str =
     return out
 
 
-def predict_api(llm, texts: list[str], shots=()) -> list[dict]:
+def predict_api(llm, texts: list[str], shots=(), prompt: str = "news") -> list[dict]:
     """{pred, answer} per text from a chat model's free-text answer; unparseable answers count as wrong (pred None)."""
     def ask(text: str) -> dict:
-        msg = f"{sentiment_instruction(shots)}\n\n{clean_text(text)}"
+        msg = f"{sentiment_instruction(shots, prompt)}\n\n{clean_text(text)}"
         answer = llm.chat([{"role": "user", "content": msg}], max_tokens=8, temperature=0.0).text
         return {"pred": parse_label(answer), "answer": answer}
 
@@ -148,6 +157,9 @@ class SentimentArgs:
                                                                   "llm.py instead (OPENAI_API_KEY, OPENAI_BASE_URL)"})
     base_url: str | None = field(default=None, metadata={"help": "API base URL for --api-model"})
     seed: int = field(default=0, metadata={"help": "seed for choosing the shots"})
+    prompt: str = field(default="news", metadata={
+        "help": "news: the financial-news instruction (tweets, PhraseBank); headline: the crypto-headline one that "
+                "make sentiment's template headlines train (CryptoLin)", "choices": tuple(PROMPTS)})
     offsets: str | None = field(default=None, metadata={
         "help": "calibration JSON (make sentiment's calibration_<set>.json): label-prior offsets added to a local "
                 "model's label log-probs before choosing"})
@@ -173,10 +185,10 @@ def run_sentiment(args: SentimentArgs, gen=None) -> dict:
     t0 = time.perf_counter()
     if args.api_model:
         with LLM(LLMArgs(model=args.api_model, base_url=args.base_url)) as llm:
-            preds = predict_api(llm, [r["text"] for r in rows], shots)
+            preds = predict_api(llm, [r["text"] for r in rows], shots, args.prompt)
     else:
         gen = gen or load_generator(args.checkpoint, args.adapter, args.dtype)
-        preds = predict_local(gen, [r["text"] for r in rows], shots)
+        preds = predict_local(gen, [r["text"] for r in rows], shots, prompt=args.prompt)
         if args.offsets:
             labels = apply_offsets(logprob_matrix(preds), read_offsets(args.offsets))
             preds = [{**p, "pred": label} for p, label in zip(preds, labels)]
@@ -184,6 +196,6 @@ def run_sentiment(args: SentimentArgs, gen=None) -> dict:
     seconds = time.perf_counter() - t0
     metrics.update(data=str(args.data), shots=args.shots, seconds=round(seconds, 1),
                    rows_per_s=round(len(rows) / seconds, 2), model=args.api_model or args.checkpoint or "embedded",
-                   adapter=args.adapter, offsets=args.offsets)
+                   adapter=args.adapter, offsets=args.offsets, prompt=args.prompt)
     save_eval(Path(args.out), metrics, records)
     return metrics
