@@ -100,9 +100,10 @@ test: setup
 test-quick: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# speed ratios against the reference libraries (see BENCHMARKS.md)
+# speed ratios against the reference libraries (see BENCHMARKS.md); soak and gpu-check have their own targets
 bench: setup
-	for b in bench/*.py; do $(PY) -m bench.$$(basename $$b .py) || exit 1; done
+	for b in bench/*.py; do case $$b in */soak.py|*/gpu_check.py) continue;; esac; \
+	  $(PY) -m bench.$$(basename $$b .py) || exit 1; done
 
 # the server under minutes of good, bad and abandoned requests on 127.0.0.1 (ARGS="--tiny --seconds 30")
 soak: setup
