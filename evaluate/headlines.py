@@ -1,8 +1,10 @@
 """Crypto-news headlines written from templates, each labelled by the event it reports: the crypto register that
 the tweet-trained sentiment adapter never sees (TFNS has 33 crypto rows in 9,543). Written here from what crypto news
 reports (funding, listings, integrations, adoption, records on the good side; hacks, bans, lawsuits, collapses on
-the bad; explainers, interviews, plans, price analysis and personnel news in between), never from CryptoLin's rows,
-which stay a dev and test set. Every name below is a common public one or invented; the numbers are random.
+the bad; explainers, interviews, plans, price analysis and personnel news in between). No template copies a
+CryptoLin row: its dev rows were read, as a dev set is for such choices, and its test rows never were; none of the
+generated headlines is a dev headline (tests/test_headlines.py). Every name below is a common public one or
+invented; the numbers are random.
 
     python -m evaluate.headlines --rows 3000 --out out/sentiment/data/crypto_headlines.jsonl
     from evaluate.headlines import headlines
