@@ -16,6 +16,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from evaluate.loaders import LABELS
 from jsonl import write_jsonl
 
 COINS = ("Bitcoin", "Ethereum", "Solana", "Cardano", "XRP", "Dogecoin", "Polkadot", "Avalanche", "Polygon",
@@ -177,7 +178,6 @@ TEMPLATES = (
     ("neutral", "What {topic} mean for investors, explained"),
     ("neutral", "{country} lawmakers debate a draft crypto bill"),
 )
-LABEL_NAMES = ("negative", "neutral", "positive")
 _SOURCES = ("", "", "", "", ": report", " - sources", ", report says", ": Bloomberg", " (updated)")
 _MONTHS = ("January", "March", "May", "July", "September", "November", "Q2", "Q4")
 
@@ -194,8 +194,8 @@ def _fill(template: str, rng: random.Random) -> str:
              "person": rng.choice(PEOPLE), "vc": rng.choice(VCS), "topic": rng.choice(TOPICS),
              "new": _firm_name(rng), "kind": rng.choice(_KIND).capitalize(), "round": rng.choice("ABCD"),
              "m": rng.choice((2, 3.5, 5, 7.2, 10, 12, 15, 20, 25, 40, 50, 80, 100, 150, 200, 300, 600)),
-             "b": rng.choice((1.2, 2, 3.4, 5, 8, 10, 20, 45, 100)), "pct": rng.choice((3, 5, 8, 10, 12, 15, 20, 30,
-                                                                                      40, 50)),
+             "b": rng.choice((1.2, 2, 3.4, 5, 8, 10, 20, 45, 100)),
+             "pct": rng.choice((3, 5, 8, 10, 12, 15, 20, 30, 40, 50)),
              "price": rng.choice(("1", "2", "50", "100", "2,000", "3,000", "20,000", "30,000", "50,000", "60,000")),
              "cents": rng.choice((60, 70, 80, 90, 95)), "year": rng.choice(range(2018, 2023)),
              "month": rng.choice(_MONTHS)}
@@ -215,10 +215,10 @@ def _surface(text: str, rng: random.Random) -> str:
 def headlines(rows: int, seed: int = 0) -> list[dict]:
     """`rows` distinct {text, label} headlines, the three labels in equal shares (seeded)."""
     rng = random.Random(seed)
-    by_label = {lab: [t for lab2, t in TEMPLATES if lab2 == lab] for lab in LABEL_NAMES}
+    by_label = {lab: [t for lab2, t in TEMPLATES if lab2 == lab] for lab in LABELS}
     out, seen, misses = [], set(), 0
     while len(out) < rows:
-        label = LABEL_NAMES[len(out) % 3]
+        label = LABELS[len(out) % 3]
         text = _surface(_fill(rng.choice(by_label[label]), rng), rng)
         if text in seen:
             misses += 1
