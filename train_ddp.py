@@ -625,6 +625,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"adapter in {path / 'adapter'}, peft copy in {path / 'peft'}, loss curve {path / 'loss.png'}")
     if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while a peer still has traffic in flight (gloo aborts then)
         dist.destroy_process_group()
 
 

@@ -6,12 +6,10 @@ import re
 import shutil
 import subprocess
 from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
@@ -20,6 +18,7 @@ import train_ddp
 from data import encode_records, eval_batches, make_rows
 from lora import lora_modules
 from model import ModelArgs, RMSNorm, Transformer
+from tests.gloo import gloo_rank
 from tests.test_data import ByteTokenizer, toy_records, write_jsonl
 from tests.test_train_ddp import TINY
 from train_ddp import TrainArgs
@@ -134,21 +133,20 @@ def _val_rows(n):
     return make_rows(examples, 128, pack_rows=False)
 
 
+def _fsdp_eval(rank):
+    rt = train_ddp.setup_runtime("cpu", "fp32")
+    args = TrainArgs(data="x", strategy="fsdp", lora_dropout=0.0)
+    torch.manual_seed(0)
+    raw = train_ddp.prepare_model(Transformer(ModelArgs(**TINY)), args.lora_args(), args, rt)
+    model = train_ddp.wrap_model(raw, args, rt)
+    return [train_ddp.evaluate(model, eval_batches(_val_rows(n), 4, 2, rank, 0), rt) for n in (17, 1)]
+
+
 def _fsdp_eval_worker(rank, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))  # an unmatched collective fails instead of hanging
-    try:
-        rt = train_ddp.setup_runtime("cpu", "fp32")
-        args = TrainArgs(data="x", strategy="fsdp", lora_dropout=0.0)
-        torch.manual_seed(0)
-        raw = train_ddp.prepare_model(Transformer(ModelArgs(**TINY)), args.lora_args(), args, rt)
-        model = train_ddp.wrap_model(raw, args, rt)
-        got = [train_ddp.evaluate(model, eval_batches(_val_rows(n), 4, 2, rank, 0), rt) for n in (17, 1)]
+    with gloo_rank(rank, tmp):
+        got = _fsdp_eval(rank)  # the FSDP model is gone before the group is torn down
         if rank == 0:
             (tmp / "fsdp_val.json").write_text(json.dumps(got))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

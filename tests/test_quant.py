@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
@@ -16,6 +15,7 @@ import quant
 from lora import LoraArgs, apply_lora, export_peft, load_adapter, lora_modules, merge_lora, save_adapter
 from model import ModelArgs, Transformer
 from quant import NF4_CODE, QuantEmbedding, QuantLinear, dequantize_model, quantize_model, weight_bytes
+from tests.gloo import gloo_rank
 from tests.test_data import ByteTokenizer
 from tests.test_train_ddp import adapter, data, losses, max_diff, targs, tiny_model  # noqa: F401 (data: a fixture)
 from train_ddp import train
@@ -218,14 +218,10 @@ def test_kind_of_and_frozen_bytes_match_a_quantized_model():
 
 # ------------------------------------------------------------------------------------------------- training
 def _train_quant_worker(rank, tmp, kind):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
-    try:
+    with gloo_rank(rank, tmp):
         for strategy in ("ddp", "fsdp"):
             train(targs(tmp, f"{strategy}_{kind}", micro_batch_size=2, base_quant=kind, strategy=strategy),
                   tiny_model(), ByteTokenizer(chat=True))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import checkpoint
 import train_ddp
 from lora import LoraArgs, load_adapter, lora_modules
 from model import ModelArgs, Transformer
+from tests.gloo import gloo_rank
 from tests.test_data import ByteTokenizer, toy_records, write_jsonl
 from train_ddp import TrainArgs, get_lr, main, optimizer_step, setup_runtime, train
 
@@ -67,14 +67,10 @@ RUNS = [dict(name="accum1", grad_accum=1), dict(name="accum2", grad_accum=2, pac
 
 
 def _worker(rank, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
-    try:
+    with gloo_rank(rank, tmp):
         for run in RUNS:
             kw = {k: v for k, v in run.items() if k != "name"}
             train(targs(tmp, f"ddp_{run['name']}", micro_batch_size=2, **kw), tiny_model(), ByteTokenizer(chat=True))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
