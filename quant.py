@@ -11,8 +11,10 @@ int8: per-output-channel absmax, weight-only (LLM.int8()'s vector-wise scale wit
 w ~= q * absmax_row / 127, q in [-127, 127]. nf4: QLoRA's 4-bit NormalFloat (Dettmers et al. 2023): each block of 64
 inputs of a row is divided by its absmax and rounded to the nearest of 16 fixed values (NF4_CODE); two codes a byte,
 the first in the high nibble (bitsandbytes' layout, so its dequantize_4bit reads our bytes; tests/test_quant.py).
+The block absmaxes are quantized too (QLoRA's double quantization, bitsandbytes' compress_statistics=True): minus
+their mean, in blocks of 256, to 8-bit codes of the dynamic map, so a weight costs 4.127 bits instead of 4.5.
 The quantized tensors are buffers, not parameters: DDP and FSDP leave them alone (replicated on every rank), and
-`model.to(dtype)` changes the compute dtype but never the codes or scales (scales are kept as int32 bit patterns).
+`model.to(dtype)` changes the compute dtype but never the codes or scales (scales are kept as integer bit patterns).
 """
 from __future__ import annotations
 
@@ -40,6 +42,22 @@ _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2  # value x rounds to code i 
 # byte b -> (code[b >> 4], code[b & 15]) as one 64-bit word: one gather of 8 bytes dequantizes two weights
 # (index_select over this table is ~8x faster on a CPU than indexing a (16,) code table twice; measured)
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1).view(torch.int64).view(-1)
+SCALE_BLOCK = 256  # nf4 absmaxes per second-level scale
+
+
+def dynamic_code() -> torch.Tensor:
+    """The signed 8-bit dynamic map the nf4 absmaxes are quantized to (Dettmers 2016, "8-bit approximations for
+    parallelism"; bitsandbytes' create_dynamic_map()): for each decade 10^-6 .. 10^0, 2^i values (i = 0..6) at the
+    midpoints of 2^i equal steps of [0.1, 1], of each sign; then 0 and 1: 256 sorted values in [-0.993, 1]."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        steps = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        mids = (10 ** (i - 6)) * ((steps[:-1] + steps[1:]) / 2)
+        values += mids.tolist() + (-mids).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+DYNAMIC_CODE = dynamic_code()
 _CHUNK = 1 << 18  # elements per pass when dequantizing: fp32 temporaries of 1 MB
 # elements per pass when quantizing (once, at load): temporaries of 256 KB stay below the sizes malloc serves from
 # the heap, and the codes kept (MBs) come from mmap; with 4 MB temporaries the heap interleaved them with the codes
@@ -77,14 +95,14 @@ def frozen_bytes(args, kind: str, dtype: torch.dtype = torch.bfloat16) -> int:
 
 def weight_bytes(shape: tuple[int, ...], kind: str, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes one frozen (rows, cols) weight takes: unquantized in dtype, int8 (+ an fp32 scale a row) or nf4
-    (half a byte a weight, + an fp32 absmax per 64 of a row)."""
+    (half a byte a weight, + a byte per 64 of a row for its absmax, + an fp32 per 256 of those and their mean)."""
     rows, cols = shape[0], math.prod(shape[1:])
     if check_kind(kind) == "none":
         return rows * cols * dtype.itemsize
     if kind == "int8":
         return rows * cols + rows * 4
-    blocks = -(-cols // NF4_BLOCK)
-    return rows * blocks * (NF4_BLOCK // 2 + 4)
+    blocks = rows * -(-cols // NF4_BLOCK)
+    return blocks * (NF4_BLOCK // 2 + 1) + 4 * (-(-blocks // SCALE_BLOCK) + 1)
 
 
 # ------------------------------------------------------------------------------------------------ the codes
@@ -152,6 +170,36 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, cols: int, dtype:
     return out
 
 
+def _nearest(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the value of the sorted code nearest to each x in [-1, 1]; a tie goes to the lower value (as in
+    bitsandbytes' quantizer: the code value at or below x unless the one above is strictly closer)."""
+    low = (torch.searchsorted(code, x, right=True) - 1).clamp_(0, len(code) - 1)
+    high = (low + 1).clamp_(max=len(code) - 1)
+    return torch.where((x - code[high]).abs() < (x - code[low]).abs(), high, low)
+
+
+def compress_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """nf4's fp32 block absmaxes, double-quantized into one uint8 tensor: [mean, fp32][the absmax of each 256 of
+    (absmax - mean), fp32][one code of DYNAMIC_CODE per absmax]. The same numbers as bitsandbytes'
+    quantize_4bit(compress_statistics=True), whose absmaxes run in this order too (tests/test_quant.py)."""
+    flat = absmax.reshape(-1)
+    n, groups = flat.numel(), -(-flat.numel() // SCALE_BLOCK)
+    offset = flat.mean()
+    x = F.pad(flat - offset, (0, groups * SCALE_BLOCK - n)).view(groups, SCALE_BLOCK)
+    amax = x.abs().amax(dim=1)
+    codes = _nearest(x / torch.where(amax > 0, amax, 1.0)[:, None], DYNAMIC_CODE.to(x.device))
+    head = torch.cat([offset.view(1), amax]).view(torch.uint8)
+    return torch.cat([head, codes.view(-1)[:n].to(torch.uint8)])
+
+
+def expand_absmax(packed: torch.Tensor, rows: int, blocks: int) -> torch.Tensor:
+    """The (rows, blocks) fp32 absmaxes of compress_absmax's bytes: code * its group's absmax + mean, in fp32."""
+    n, groups = rows * blocks, -(-rows * blocks // SCALE_BLOCK)
+    head = packed[:4 * (groups + 1)].view(torch.float32)
+    x = F.pad(DYNAMIC_CODE.to(packed.device)[packed[4 * (groups + 1):].int()], (0, groups * SCALE_BLOCK - n))
+    return (x.view(groups, SCALE_BLOCK) * head[1:, None]).view(-1)[:n].add_(head[0]).view(rows, blocks)
+
+
 # ------------------------------------------------------------------------------------------------ the modules
 @dataclass(frozen=True)
 class QSpec:
@@ -162,15 +210,35 @@ class QSpec:
 
 
 def quantize(w: torch.Tensor, kind: str, release: bool = False) -> tuple[torch.Tensor, torch.Tensor, QSpec]:
-    """(codes, scales, spec) of a 2-D weight."""
-    q, s = (quantize_int8 if check_kind(kind) == "int8" else quantize_nf4)(w, release)
-    return q, s, QSpec(kind, w.shape[0], w.shape[1])
+    """(codes, scales, spec) of a 2-D weight; scales as they are held (integer bit patterns: int8's fp32 absmax a
+    row viewed as int32, nf4's compress_absmax bytes)."""
+    if check_kind(kind) == "int8":
+        codes, absmax = quantize_int8(w, release)
+        return codes, absmax.view(torch.int32), QSpec(kind, w.shape[0], w.shape[1])
+    codes, absmax = quantize_nf4(w, release)
+    return codes, compress_absmax(absmax), QSpec(kind, w.shape[0], w.shape[1])
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, spec: QSpec, dtype: torch.dtype) -> torch.Tensor:
+def row_scales(scales: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """The fp32 scales of every row, (rows,) for int8 or (rows, blocks) for nf4, from the held form."""
     if spec.kind == "int8":
-        return dequantize_int8(codes, scales, dtype)
-    return dequantize_nf4(codes, scales, spec.cols, dtype)
+        return scales.view(torch.float32)
+    return expand_absmax(scales, spec.rows, -(-spec.cols // NF4_BLOCK))
+
+
+def _dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, spec: QSpec, dtype: torch.dtype) -> torch.Tensor:
+    if spec.kind == "int8":
+        return dequantize_int8(codes, absmax, dtype)
+    return dequantize_nf4(codes, absmax, spec.cols, dtype)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, spec: QSpec, dtype: torch.dtype,
+               rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+    """The weight in dtype, or only the rows wanted (a slice or an index tensor)."""
+    absmax = row_scales(scales, spec)
+    if rows is not None:
+        codes, absmax = codes[rows], absmax[rows]
+    return _dequantize_rows(codes, absmax, spec, dtype)
 
 
 _SPLIT = 1 << 23  # a weight of more elements (a vocabulary projection) is dequantized a block of rows at a time
@@ -178,10 +246,11 @@ _SPLIT = 1 << 23  # a weight of more elements (a vocabulary projection) is dequa
 
 def _row_blocks(codes: torch.Tensor, scales: torch.Tensor, spec: QSpec, dtype: torch.dtype):
     """(rows, dequantized rows) blocks of about 4M weights: the whole weight never exists in full precision."""
+    absmax = row_scales(scales, spec)
     step = max(1, 4 * _CHUNK // spec.cols)
     for s in range(0, spec.rows, step):
         rs = slice(s, min(spec.rows, s + step))
-        yield rs, dequantize(codes[rs], scales[rs], QSpec(spec.kind, rs.stop - rs.start, spec.cols), dtype)
+        yield rs, _dequantize_rows(codes[rs], absmax[rs], spec, dtype)
 
 
 class _QuantLinearFunction(torch.autograd.Function):
@@ -214,17 +283,19 @@ class _QuantLinearFunction(torch.autograd.Function):
 
 
 class _Quantized(nn.Module):
-    """Holds a quantized weight as buffers: codes, scales (fp32 as int32 bits, so .to(dtype) leaves them exact) and
+    """Holds a quantized weight as buffers: codes, scales (integer bit patterns, so .to(dtype) leaves them exact) and
     an empty tensor whose dtype and device are the compute dtype and device (.to() moves and casts it)."""
 
     def _hold(self, codes: torch.Tensor, scales: torch.Tensor, spec: QSpec, dtype: torch.dtype) -> None:
+        if scales.is_floating_point():
+            raise TypeError("scales must be held as quant.quantize returns them (integer bit patterns)")
         self.spec = spec
         self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("scales", scales.view(torch.int32), persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("compute", torch.empty(0, dtype=dtype, device=codes.device), persistent=False)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self.codes, self.scales.view(torch.float32), self.spec, dtype or self.compute.dtype)
+        return dequantize(self.codes, self.scales, self.spec, dtype or self.compute.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -250,7 +321,7 @@ class QuantLinear(_Quantized, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        return _QuantLinearFunction.apply(x, self.codes, self.scales.view(torch.float32), self.spec)
+        return _QuantLinearFunction.apply(x, self.codes, self.scales, self.spec)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.spec.kind}"
@@ -265,9 +336,7 @@ class QuantEmbedding(_Quantized):
         self._hold(codes, scales, spec, dtype)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        flat = tokens.reshape(-1)
-        rows = QSpec(self.spec.kind, flat.numel(), self.spec.cols)
-        out = dequantize(self.codes[flat], self.scales.view(torch.float32)[flat], rows, self.compute.dtype)
+        out = dequantize(self.codes, self.scales, self.spec, self.compute.dtype, rows=tokens.reshape(-1))
         return out.view(*tokens.shape, self.spec.cols)
 
     def extra_repr(self) -> str:

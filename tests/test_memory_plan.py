@@ -172,7 +172,8 @@ def test_quantized_bases_shrink_the_frozen_weights():
     s = Setup(PRESETS["llama-7b"], LoraArgs(), precision="fp16")
     fp16 = plan(s).frozen
     assert plan(Setup(**{**s.__dict__, "base": "int8"})).frozen == pytest.approx(fp16 / 2, rel=0.01)
-    assert plan(Setup(**{**s.__dict__, "base": "nf4"})).frozen == pytest.approx(fp16 * 0.5625 / 2, rel=0.01)
+    nf4 = 0.5 + 1 / 64 + 4 / (64 * 256)  # a byte per two weights, a byte per 64 for the scale, fp32 per 256 scales
+    assert plan(Setup(**{**s.__dict__, "base": "nf4"})).frozen == pytest.approx(fp16 * nf4 / 2, rel=0.01)
     with pytest.raises(ValueError, match="base='int3' is not a known weight kind"):
         Setup(PRESETS["llama-7b"], LoraArgs(), base="int3")
 

@@ -1,6 +1,7 @@
-"""quant.py: NF4 codes and dequantized weights equal bitsandbytes' and the QLoRA construction bit for bit, int8
-equals a plain absmax reference, the quantized linear's forward and backward equal autograd on the dequantized
-weight, LoRA trains, saves and merges on a quantized base, and the embedded model quantized stays close to fp32."""
+"""quant.py: NF4 codes, their double-quantized scales and the dequantized weights equal bitsandbytes' and the
+QLoRA construction bit for bit, int8 equals a plain absmax reference, the quantized linear's forward and backward
+equal autograd on the dequantized weight, LoRA trains, saves and merges on a quantized base, and the embedded model
+quantized stays close to fp32."""
 import copy
 import dataclasses
 import json
@@ -78,6 +79,80 @@ def test_nf4_equals_bitsandbytes_bit_for_bit():
     state.absmax = absmax.reshape(-1).clone()
     ours = quant.dequantize_nf4(packed, absmax, w.shape[1], torch.float32)
     assert torch.equal(bnb_f.dequantize_4bit(packed.reshape(-1, 1), state), ours)
+
+
+def test_dynamic_code_is_the_published_construction():
+    # the 8-bit dynamic map (Dettmers 2016): 2^i midpoints of [0.1, 1] per decade 10^(i-6), both signs, 0 and 1,
+    # built here in fp64 from the definition; ours is the same values rounded once to fp32 (bitsandbytes' rounding)
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = [0.1 + 0.9 * k / 2 ** i for k in range(2 ** i + 1)]
+        values += [s * 10.0 ** (i - 6) * (a + b) / 2 for a, b in zip(edges, edges[1:]) for s in (1, -1)]
+    ref = torch.tensor(sorted(values), dtype=torch.float64)
+    assert quant.DYNAMIC_CODE.shape == (256,) and torch.equal(quant.DYNAMIC_CODE, quant.DYNAMIC_CODE.sort().values)
+    assert torch.allclose(quant.DYNAMIC_CODE.double(), ref, rtol=1e-6, atol=0)
+
+
+def _double_quant_reference(absmax: torch.Tensor):
+    """(offset, group absmaxes, codes, dequantized) by the QLoRA recipe: minus the mean, groups of 256, nearest
+    dynamic code by distance (argmin: ties to the lower code)."""
+    flat = absmax.reshape(-1)
+    offset = flat.mean()
+    groups = F.pad(flat - offset, (0, -len(flat) % 256)).view(-1, 256)
+    amax = groups.abs().amax(dim=1)
+    scaled = groups / torch.where(amax > 0, amax, 1.0)[:, None]
+    codes = (scaled[..., None] - quant.DYNAMIC_CODE).abs().argmin(dim=-1).reshape(-1)[:len(flat)]
+    deq = (F.pad(quant.DYNAMIC_CODE[codes], (0, -len(flat) % 256)).view(-1, 256) * amax[:, None]).reshape(-1)
+    return offset, amax, codes, deq[:len(flat)] + offset
+
+
+def _split(scales: torch.Tensor, n: int):
+    groups = -(-n // 256)
+    head = scales[:4 * (groups + 1)].view(torch.float32)
+    return head[0], head[1:], scales[4 * (groups + 1):]
+
+
+@pytest.mark.parametrize("shape", [(96, 256), (300, 640), (40, 100)])
+def test_nf4_double_quantization_matches_an_independent_reference(shape):
+    w = weights(*shape)
+    _, absmax = quant.quantize_nf4(w)
+    codes, scales, spec = quant.quantize(w, "nf4")
+    offset, amax, dq_codes, ref = _double_quant_reference(absmax)
+    ours_offset, ours_amax, ours_codes = _split(scales, absmax.numel())
+    assert torch.equal(ours_offset, offset) and torch.equal(ours_amax, amax)
+    assert torch.equal(ours_codes.long(), dq_codes)
+    assert torch.equal(quant.row_scales(scales, spec).reshape(-1), ref)
+    # a scale is off by at most half a step of the dynamic code (1/128 of its group's range at the top decade)
+    assert ((ref - absmax.reshape(-1)).abs() <= amax.repeat_interleave(256)[:absmax.numel()] / 128).all()
+    _, _, plain = _nf4_reference(F.pad(w, (0, -shape[1] % 64)))
+    got = quant.dequantize(codes, scales, spec, torch.float32)
+    assert (got - plain[:, :shape[1]]).abs().max() <= 0.01 * w.abs().max()
+
+
+def test_nf4_double_quantization_equals_bitsandbytes():
+    """compress_statistics=True: the same dynamic map, mean and group absmaxes bit for bit; the same 8-bit codes
+    except where bitsandbytes' table search misses the nearest code at a near-tie (ours is then nearer); and its
+    dequantize_4bit of our codes and double-quantized scales equals ours bit for bit."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional", reason="pip install bitsandbytes (tests only)")
+    assert torch.equal(bnb_f.create_dynamic_map(), quant.DYNAMIC_CODE)
+    for seed, (rows, cols) in enumerate([(96, 256), (300, 2048), (1024, 640)]):
+        w = weights(rows, cols, seed) * torch.rand(rows, 1, generator=torch.Generator().manual_seed(seed))
+        theirs, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        codes, scales, spec = quant.quantize(w, "nf4")
+        n = rows * cols // 64
+        offset, amax, ours = _split(scales, n)
+        assert torch.equal(codes.reshape(-1), theirs.reshape(-1))
+        assert torch.equal(offset, state.offset) and torch.equal(amax, state.state2.absmax)
+        assert torch.equal(state.state2.code, quant.DYNAMIC_CODE)
+        differ = ours != state.absmax
+        assert differ.float().mean() <= 0.01, (seed, differ.sum())
+        if differ.any():
+            _, absmax = quant.quantize_nf4(w)
+            x = ((absmax.reshape(-1) - offset) / amax.repeat_interleave(256)[:n])[differ]
+            code = quant.DYNAMIC_CODE
+            assert ((x - code[ours[differ].long()]).abs() <= (x - code[state.absmax[differ].long()]).abs()).all()
+        state.absmax, state.state2.absmax, state.offset = ours.clone(), amax.clone(), offset.clone()
+        assert torch.equal(bnb_f.dequantize_4bit(theirs, state), quant.dequantize(codes, scales, spec, torch.float32))
 
 
 def test_nf4_pads_a_short_last_block():
