@@ -102,7 +102,7 @@ def weight_bytes(shape: tuple[int, ...], kind: str, dtype: torch.dtype = torch.b
     if kind == "int8":
         return rows * cols + rows * 4
     blocks = rows * -(-cols // NF4_BLOCK)
-    return blocks * (NF4_BLOCK // 2 + 1) + 4 * (-(-blocks // SCALE_BLOCK) + 1)
+    return blocks * (NF4_BLOCK // 2 + 1) + _absmax_head_bytes(blocks)
 
 
 # ------------------------------------------------------------------------------------------------ the codes
@@ -178,6 +178,11 @@ def _nearest(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.where((x - code[high]).abs() < (x - code[low]).abs(), high, low)
 
 
+def _absmax_head_bytes(n: int) -> int:
+    """Bytes before the codes in compress_absmax's packing of n absmaxes: the fp32 mean and one fp32 a group."""
+    return 4 * (-(-n // SCALE_BLOCK) + 1)
+
+
 def compress_absmax(absmax: torch.Tensor) -> torch.Tensor:
     """nf4's fp32 block absmaxes, double-quantized into one uint8 tensor: [mean, fp32][the absmax of each 256 of
     (absmax - mean), fp32][one code of DYNAMIC_CODE per absmax]. The same numbers as bitsandbytes'
@@ -194,9 +199,9 @@ def compress_absmax(absmax: torch.Tensor) -> torch.Tensor:
 
 def expand_absmax(packed: torch.Tensor, rows: int, blocks: int) -> torch.Tensor:
     """The (rows, blocks) fp32 absmaxes of compress_absmax's bytes: code * its group's absmax + mean, in fp32."""
-    n, groups = rows * blocks, -(-rows * blocks // SCALE_BLOCK)
-    head = packed[:4 * (groups + 1)].view(torch.float32)
-    x = F.pad(DYNAMIC_CODE.to(packed.device)[packed[4 * (groups + 1):].int()], (0, groups * SCALE_BLOCK - n))
+    n, groups, cut = rows * blocks, -(-rows * blocks // SCALE_BLOCK), _absmax_head_bytes(rows * blocks)
+    head = packed[:cut].view(torch.float32)
+    x = F.pad(DYNAMIC_CODE.to(packed.device)[packed[cut:].int()], (0, groups * SCALE_BLOCK - n))
     return (x.view(groups, SCALE_BLOCK) * head[1:, None]).view(-1)[:n].add_(head[0]).view(rows, blocks)
 
 
