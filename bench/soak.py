@@ -1,6 +1,6 @@
 """Soak: drive one serve.py process on 127.0.0.1 for --seconds with a bounded mix of good, bad and abandoned requests
 from --clients threads, then report the requests served, the answers by HTTP status, and the latency (p50/p95) of the
-same good requests sent one at a time before and after the soak.
+same good requests sent one at a time before and after the soak, and the server's resident memory over it.
 
     python -m bench.soak                      # ~3 minutes + start-up, the embedded SmolLM2
     python -m bench.soak --tiny --seconds 30  # a tiny random model: the harness itself, in seconds
@@ -10,7 +10,9 @@ to stop the server, non-finite numbers, unsupported parts, an oversized body, ma
 stream closed after two chunks, a plain request whose client gives up). Targets: soak_5xx: 0 and the server alive
 with no live rows afterwards; nothing leaked that slows later requests: soak_cpu_per_request_after_vs_before <= 1.2x
 (the server's CPU seconds per good request, from /proc: steady on a shared machine) and soak_p95_after_vs_before
-<= 1.5x (latency, which other work on the machine moves).
+<= 1.5x (latency, which other work on the machine moves). Memory is read every --sample-s seconds: the growth per 1,000
+requests in the soak's second half against its first tells a leak (steady growth) from the allocator's warm-up
+(levelling off).
 """
 from __future__ import annotations
 
@@ -60,10 +62,12 @@ class SoakArgs:
     probes: int = field(default=12, metadata={"help": "good requests timed one at a time before and after"})
     max_tokens: int = field(default=16, metadata={"help": "tokens per good request"})
     seed: int = field(default=0, metadata={"help": "seed of the request mix"})
+    sample_s: float = field(default=5.0, metadata={"help": "seconds between readings of the server's resident memory"})
 
     def __post_init__(self):
-        if self.seconds <= 0:
-            raise ValueError(f"seconds={self.seconds} must be > 0")
+        for name in ("seconds", "sample_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("clients", "probes", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -181,10 +185,24 @@ def timed_probe(proc: subprocess.Popen, url: str, model: str, args: SoakArgs) ->
     return {"times": times, "cpu": cpu, "rss": rss}
 
 
-def soak(url: str, model: str, args: SoakArgs) -> tuple[Counter, Counter, list[float]]:
-    """Run the mix on `clients` threads for `seconds`: (HTTP statuses, request kinds, good latencies under load)."""
+def soak(url: str, model: str, args: SoakArgs, pid: int) -> tuple[Counter, Counter, list[float], list[tuple]]:
+    """Run the mix on `clients` threads for `seconds`: (HTTP statuses, request kinds, good latencies under load,
+    RSS samples). A sampler reads the server's resident MiB every `sample_s` as (seconds in, requests finished, MiB):
+    memory that levels off is the allocator keeping freed blocks; memory that grows with the requests is a leak."""
     statuses, kinds, loaded, lock = Counter(), Counter(), [], threading.Lock()
-    stop_at = time.monotonic() + args.seconds
+    samples, done = [], threading.Event()
+    t_start = time.monotonic()
+    stop_at = t_start + args.seconds
+
+    def sampler() -> None:
+        while True:
+            use = server_usage(pid)
+            with lock:
+                finished = sum(kinds.values())
+            if use is not None:
+                samples.append((time.monotonic() - t_start, finished, use[1]))
+            if done.wait(args.sample_s):
+                return
 
     def client_loop(k: int) -> None:
         rng = random.Random(args.seed * 1000 + k)
@@ -209,11 +227,36 @@ def soak(url: str, model: str, args: SoakArgs) -> tuple[Counter, Counter, list[f
                         loaded.append(time.perf_counter() - t0)
 
     threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(args.clients)]
-    for t in threads:
+    watch = threading.Thread(target=sampler)
+    for t in [watch, *threads]:
         t.start()
     for t in threads:
         t.join()
-    return statuses, kinds, loaded
+    done.set()
+    watch.join()
+    use = server_usage(pid)
+    if use is not None:
+        samples.append((time.monotonic() - t_start, sum(kinds.values()), use[1]))
+    return statuses, kinds, loaded, samples
+
+
+def rss_trend(samples: list[tuple]) -> dict | None:
+    """Resident MiB at the start and at each quarter of the soak, and the growth in MiB per 1,000 requests over its
+    first half and its second (None with fewer than 3 samples). A second-half rate near 0 against the first says the
+    memory levelled off."""
+    if len(samples) < 3:
+        return None
+    end = samples[-1][0]
+
+    def at(frac: float) -> tuple:
+        return min(samples, key=lambda s: abs(s[0] - frac * end))
+
+    def rate(a: tuple, b: tuple) -> float:
+        return (b[2] - a[2]) / max(b[1] - a[1], 1) * 1000
+
+    first, mid, last = at(0), at(0.5), samples[-1]
+    return {"quarters": [at(q)[2] for q in (0, 0.25, 0.5, 0.75)] + [last[2]],
+            "first_half": rate(first, mid), "second_half": rate(mid, last), "peak": max(s[2] for s in samples)}
 
 
 def percentiles(xs: list[float]) -> str:
@@ -230,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         probe(url, model, 2, args.max_tokens)  # warm-up
         before = timed_probe(proc, url, model, args)
         t0 = time.perf_counter()
-        statuses, kinds, loaded = soak(url, model, args)
+        statuses, kinds, loaded, samples = soak(url, model, args, proc.pid)
         took = time.perf_counter() - t0
         deadline = time.monotonic() + 120  # abandoned rows leave at the next decode step
         while (health := httpx.get(url + "/health", timeout=30)).status_code == 200 and \
@@ -241,10 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=120)
-    report(args, took, statuses, kinds, loaded, before, after, health, code)
+    report(args, took, statuses, kinds, loaded, before, after, health, code, rss_trend(samples))
 
 
-def report(args, took, statuses, kinds, loaded, before: dict, after: dict, health, code) -> None:
+def report(args, took, statuses, kinds, loaded, before: dict, after: dict, health, code, trend=None) -> None:
     served = sum(statuses.values()) + sum(v for k, v in kinds.items() if k.startswith("abandoned"))
     five = sum(v for k, v in statuses.items() if isinstance(k, int) and k >= 500)
     print(f"soak: {served} requests in {took:.0f} s from {args.clients} clients ({'tiny' if args.tiny else 'SmolLM2'})")
@@ -260,6 +303,11 @@ def report(args, took, statuses, kinds, loaded, before: dict, after: dict, healt
     print(f"soak_p95_after_vs_before: {p95[1] / p95[0]:.2f}x (goal <= 1.5x; latency: noisy on a shared machine)")
     if before["cpu"] and after["cpu"]:
         print(f"soak_cpu_per_request_after_vs_before: {after['cpu'] / before['cpu']:.2f}x (goal <= 1.2x)")
+    if trend:
+        print(f"soak: server RSS at start, 1/4, 1/2, 3/4, end of the soak: "
+              f"{', '.join(f'{m:.0f}' for m in trend['quarters'])} MiB (peak {trend['peak']:.0f})")
+        print(f"soak_rss_growth_per_1k_requests: first half {trend['first_half']:.1f} MiB, second half "
+              f"{trend['second_half']:.1f} MiB (a leak keeps growing in the second half; allocator reuse levels off)")
 
 
 if __name__ == "__main__":
