@@ -194,15 +194,18 @@ def soak(url: str, model: str, args: SoakArgs, pid: int) -> tuple[Counter, Count
     t_start = time.monotonic()
     stop_at = t_start + args.seconds
 
+    def sample() -> None:
+        use = server_usage(pid)
+        with lock:
+            finished = sum(kinds.values())
+        if use is not None:
+            samples.append((time.monotonic() - t_start, finished, use[1]))
+
     def sampler() -> None:
-        while True:
-            use = server_usage(pid)
-            with lock:
-                finished = sum(kinds.values())
-            if use is not None:
-                samples.append((time.monotonic() - t_start, finished, use[1]))
-            if done.wait(args.sample_s):
-                return
+        sample()
+        while not done.wait(args.sample_s):
+            sample()
+        sample()  # the end: every client has finished
 
     def client_loop(k: int) -> None:
         rng = random.Random(args.seed * 1000 + k)
@@ -234,9 +237,6 @@ def soak(url: str, model: str, args: SoakArgs, pid: int) -> tuple[Counter, Count
         t.join()
     done.set()
     watch.join()
-    use = server_usage(pid)
-    if use is not None:
-        samples.append((time.monotonic() - t_start, sum(kinds.values()), use[1]))
     return statuses, kinds, loaded, samples
 
 
