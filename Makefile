@@ -94,11 +94,11 @@ smoke: setup
 
 # the test suite (offline, CPU)
 test: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # the quick subset: everything not marked slow
 test-quick: setup
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # speed ratios against the reference libraries (see BENCHMARKS.md); soak and gpu-check have their own targets
 bench: setup

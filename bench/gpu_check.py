@@ -13,6 +13,7 @@ call sits behind the device chosen here, so the same code runs on the CPU with -
 """
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import re
@@ -128,9 +129,10 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+@functools.cache  # once per dtype: every model of that precision shares the reference
 def matmul_tflops(device: torch.device, dtype: torch.dtype, tiny: bool) -> float:
     """The best measured rate of a square matmul in dtype (the MFU reference where the GPU is not in the table)."""
-    n = 512 if tiny else 8192
+    n = 256 if tiny else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = math.inf
     for _ in range(5):

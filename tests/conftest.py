@@ -3,8 +3,10 @@ import importlib.util
 import os
 from pathlib import Path
 
-# set before torch starts its OpenMP pool: on a shared 2-core box, spinning waiters made 2-thread torch ~10x slower
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# set before torch starts its OpenMP pool: an idle OpenMP thread spins ~10k times, then sleeps. Sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE) doubled the suite's small-kernel tests (each op woke a sleeping thread: 100 LoRA steps 10 s
+# against 4 s); spinning without bound made 2-thread torch ~10x slower beside another process on 2 cores.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import pytest
 import torch

@@ -127,6 +127,8 @@ def step_growth(config: dict) -> int:
 def test_a_training_step_peaks_where_the_plan_says(precision, packed, checkpointing):
     """RSS growth of a step (gradients, activations, the loss chunk, backward's working set) within 15%."""
     config = {**MEASURED, "precision": precision, "packed": packed, "activation_checkpointing": checkpointing}
+    if precision == "bf16":  # emulated, 4x the time, on CPUs without native bf16: 3 rows still make it a 72 MiB step
+        config["B"] = 3
     got = step_growth(config)
     p = plan(Setup(ModelArgs(**config["model"]), LoraArgs(**config["lora"]), config["B"], config["T"], precision,
                    packed=packed, activation_checkpointing=checkpointing))

@@ -372,21 +372,22 @@ def test_quantized_embedded_model_logits_stay_within_tolerance(smollm2):
 
 @pytest.mark.slow
 def test_quantized_embedded_model_greedy_agreement(smollm2):
-    """Greedy continuations of 32 tokens against fp32's: reported (a 135M model diverges within a few tokens even
+    """Greedy continuations of 8 tokens against fp32's: reported (a 135M model diverges within a few tokens even
     in bf16, so only the first token is held to agreement)."""
     from generate import GenerateArgs, Generator
 
     base, tok = smollm2
     ids = [tok.encode(p, bos=tok.add_bos) for p in PROMPTS]
-    ga = GenerateArgs(max_new_tokens=32)
+    ga = GenerateArgs(max_new_tokens=8)
     ref = [r.token_ids for r in Generator(base, tok).generate_ids(ids, ga)]
     for kind in ("int8", "nf4"):
         out = [r.token_ids for r in Generator(quantize_model(copy.deepcopy(base), kind), tok).generate_ids(ids, ga)]
         prefix = [next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                   for a, b in zip(ref, out)]
         same = sum(x == y for a, b in zip(ref, out) for x, y in zip(a, b)) / sum(map(len, ref))
-        print(f"{kind}: greedy tokens equal to fp32's {same:.2f}, identical prefixes {prefix} of 32")
-        assert min(prefix) >= 1 if kind == "int8" else True
+        print(f"{kind}: greedy tokens equal to fp32's {same:.2f}, identical prefixes {prefix} of 8")
+        if kind == "int8":  # nf4's continuations are reported only: its top-1 agreement is 0.5-0.86 (the test above)
+            assert min(prefix) >= 1
 
 
 @pytest.mark.slow
