@@ -1,18 +1,48 @@
 """Shared fixtures: paths to the real data in ../shared/data and the embedded models."""
 import importlib.util
 import os
+import time
 from pathlib import Path
 
-# set before torch starts its OpenMP pool: an idle OpenMP thread spins ~10k times, then sleeps. Sleeping at once
-# (OMP_WAIT_POLICY=PASSIVE) doubled the suite's small-kernel tests (each op woke a sleeping thread: 100 LoRA steps 10 s
-# against 4 s); spinning without bound made 2-thread torch ~10x slower beside another process on 2 cores.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+def _busy_share(seconds: float = 0.25) -> float:
+    """Share of the machine's CPU time other work used over `seconds` (Linux /proc/stat); 1.0 where unknown."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    try:
+        idle0, all0 = sample()
+        time.sleep(seconds)
+        idle1, all1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 1.0
+    return 1 - (idle1 - idle0) / max(all1 - all0, 1)
+
+
+# How torch's idle OpenMP threads wait, set before torch starts its pool (unless the caller chose). On an idle machine
+# they spin ~10k times, then sleep: sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes each small op wake a thread, which
+# doubled the suite's small-kernel tests (100 LoRA steps on a tiny model 10 s against 4 s). Beside another job they
+# sleep at once: there even that short spin made the same tests 5x slower, unbounded spinning ~10x (2 cores).
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    if _busy_share() < 0.25:
+        os.environ["GOMP_SPINCOUNT"] = "10000"
+    else:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_report_header(config):
+    how = ("sleep at once (OMP_WAIT_POLICY=PASSIVE)" if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+           else f"spin {os.environ['GOMP_SPINCOUNT']} times, then sleep" if "GOMP_SPINCOUNT" in os.environ
+           else "OpenMP's default")
+    return f"idle OpenMP threads: {how}"
 
 
 @pytest.fixture(autouse=True)
