@@ -441,15 +441,21 @@ def test_local_backend_matches_generator_and_batches(tmp_path, smollm2_gguf, mon
     expected = [tiny.chat([user(f"q{i}")], generate.GenerateArgs(max_new_tokens=5))[0] for i in range(6)]
     sampled = tiny.generate(["hi there"], generate.GenerateArgs(max_new_tokens=4, temperature=0.8, top_p=0.9,
                                                                  seed=3, stop=("\n",)))[0]
-    loads, batches = [], []
+    loads, batches, threads_used = [], [], set()
 
     def from_checkpoint(cls, checkpoint=None, adapter=None, dtype=None, device="cpu"):
         loads.append((checkpoint, adapter))
+        threads_used.add(threading.get_ident())
         return tiny
 
     def spy(name):
         method = getattr(tiny, name)
-        return lambda rows, args: batches.append((name, len(rows))) or method(rows, args)
+
+        def run(rows, args):
+            batches.append((name, len(rows)))
+            threads_used.add(threading.get_ident())
+            return method(rows, args)
+        return run
 
     monkeypatch.setattr(generate.Generator, "from_checkpoint", classmethod(from_checkpoint))
     monkeypatch.setattr(tiny, "chat", spy("chat"))
@@ -464,17 +470,21 @@ def test_local_backend_matches_generator_and_batches(tmp_path, smollm2_gguf, mon
         results = {}
         calls = [lambda i=i: llm.chat(user(f"q{i}"), max_tokens=5) for i in range(3, 6)] + \
             [lambda: llm.complete("hi there", max_tokens=4, temperature=0.8, top_p=0.9, seed=3, stop="\n")]
-        with llm._generate_lock:
-            threads = [threading.Thread(target=lambda k=k, c=c: results.__setitem__(k, c()))
-                       for k, c in enumerate(calls)]
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 60
-            while len(llm._pending) < 4 and time.monotonic() < deadline:
-                time.sleep(0.005)
+        busy = threading.Event()
+        llm._on_model_thread(busy.wait, wait=False)  # the model thread's current turn
+        threads = [threading.Thread(target=lambda k=k, c=c: results.__setitem__(k, c()))
+                   for k, c in enumerate(calls)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(llm._pending) < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        busy.set()
         for t in threads:
             t.join()
         assert sorted(batches) == [("chat", 3), ("generate", 1)]
+        # the load and every batch ran on one thread, whichever thread asked: one OpenMP team
+        assert len(threads_used) == 1 and threading.get_ident() not in threads_used
         outs += [results[k] for k in range(3)]
         assert [(o.text, o.completion_tokens, o.finish_reason) for o in outs] == \
             [(e.text, e.completion_tokens, e.finish_reason) for e in expected]
