@@ -341,7 +341,7 @@ class LLM:
         self._backend = None
         self._backend_lock = threading.Lock()
         # the local model runs one batch at a time, always on one thread of its own: every thread that runs torch ops
-        # gets its own OpenMP team, and batches that hopped between the callers' threads took 28% longer on 2 cores
+        # gets its own OpenMP team, and batches that hopped between the callers' threads took 1.38x as long on 2 cores
         self._model_thread = None
         self._pending_lock = threading.Lock()
         self._pending: list[tuple] = []  # local requests waiting for the model: (kind, payload, GenerateArgs, Future)
