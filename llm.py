@@ -17,8 +17,8 @@ Transient failures (429, 408/409, 5xx, timeouts, connection errors) are retried 
 full jitter, or after the server's Retry-After. The API key is read from the environment and never logged or cached.
 With --backend local, requests that wait for the model while it is busy are generated together as one batch, on
 one thread the client owns whichever threads ask, and chat_json answers are constrained: the model reasons freely up
-to its ```json fence, then writes the JSON token by token under the schema (generate.py's json_schema), so even a
-small local model answers with parseable JSON.
+to its ```json fence (or not at all: reasoning=False), then writes the JSON token by token under the schema
+(generate.py's json_schema), so even a small local model answers with parseable JSON.
 """
 from __future__ import annotations
 
@@ -363,15 +363,18 @@ class LLM:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         return self._generate("chat", [dict(role=m["role"], content=m["content"]) for m in messages], params)
 
-    def chat_json(self, messages: list[dict], schema: dict, *, check=None, **params) -> dict:
+    def chat_json(self, messages: list[dict], schema: dict, *, check=None, reasoning: bool = True, **params) -> dict:
         """The JSON object the model answers, validated against `schema` (and `check(obj) -> errors`)."""
-        return self.chat_json_answer(messages, schema, check=check, **params).data
+        return self.chat_json_answer(messages, schema, check=check, reasoning=reasoning, **params).data
 
-    def chat_json_answer(self, messages: list[dict], schema: dict, *, check=None, **params) -> JSONAnswer:
-        """Like chat_json, also returning the reasoning before the JSON; one repair retry, then LLMOutputError."""
+    def chat_json_answer(self, messages: list[dict], schema: dict, *, check=None, reasoning: bool = True,
+                         **params) -> JSONAnswer:
+        """Like chat_json, also returning the reasoning before the JSON; one repair retry, then LLMOutputError.
+        reasoning=False is for prompts that ask for the JSON alone: a local model then writes the JSON under the
+        schema from its first token instead of reasoning first (an API model follows the prompt either way)."""
         check_schema(schema)
         if self.args.backend == "local":  # reasoning, then JSON decoded under the schema (see _local)
-            params = {**params, "json_schema": decoding_schema(schema)}
+            params = {**params, "json_schema": decoding_schema(schema), **({} if reasoning else {"reasoning": False})}
         answer = self.chat(messages, **params)
         raw = answer.text
         try:
@@ -546,7 +549,7 @@ class LLM:
         """Generate with the local model. A completion with a json_schema is decoded under it. A chat with one runs
         twice: the reply up to its ```json fence (the chain of thought), then, continuing that reply after the fence,
         the JSON under the schema (with its own max_tokens budget); the text is both, closed by a fence, as an API
-        model would write it."""
+        model would write it. With reasoning=False only the second runs, on a reply that opens with the fence."""
         from generate import GenerateArgs, Generator  # imported here so the API backend needs no torch
         from precision import choose_dtype
 
@@ -556,7 +559,7 @@ class LLM:
                                                           dtype=choose_dtype(self.args.dtype, "cpu"))
         if self._backend is None:  # loaded on the model thread too (load() checks again: one load)
             self._on_model_thread(load)
-        request = {k: v for k, v in params.items() if k != "json_schema"}
+        request = {k: v for k, v in params.items() if k not in ("json_schema", "reasoning")}
         [gargs] = GenerateArgs.from_openai({**request, "seed": params["seed"] or 0},  # unseeded: seed 0, repeatable
                                            vocab_size=self._backend.model.args.vocab_size)
         schema = params.get("json_schema")
@@ -566,13 +569,16 @@ class LLM:
             r = self._submit(kind, payload, gargs)
             return Completion(text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
                               completion_tokens=r.completion_tokens)
-        think = self._submit("chat", payload, dataclasses.replace(gargs, stop=gargs.stop + (JSON_FENCE,)))
-        prefix = f"{think.text.rstrip()}\n{JSON_FENCE}\n"
+        if params.get("reasoning") is False:  # the JSON alone: the reply opens with the fence, then the object
+            think, prefix = None, f"{JSON_FENCE}\n"
+        else:
+            think = self._submit("chat", payload, dataclasses.replace(gargs, stop=gargs.stop + (JSON_FENCE,)))
+            prefix = f"{think.text.rstrip()}\n{JSON_FENCE}\n"
         answer = self._submit("chat_prefix", (payload, prefix),
                               dataclasses.replace(gargs, stop=(), json_schema=json.dumps(schema)))
         return Completion(text=f"{prefix}{answer.text}\n```", finish_reason=answer.finish_reason,
-                          prompt_tokens=think.prompt_tokens + answer.prompt_tokens,
-                          completion_tokens=think.completion_tokens + answer.completion_tokens)
+                          prompt_tokens=answer.prompt_tokens + (think.prompt_tokens if think else 0),
+                          completion_tokens=answer.completion_tokens + (think.completion_tokens if think else 0))
 
     def _submit(self, kind: str, payload, gargs):
         """One generation on the local model, batched with the requests of other threads waiting for it."""
@@ -619,15 +625,21 @@ class LLM:
 
 def _sampling_params(max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                      stop: str | list[str] | None = None, presence_penalty: float = 0.0,
-                     frequency_penalty: float = 0.0, seed: int | None = None, json_schema: dict | None = None) -> dict:
+                     frequency_penalty: float = 0.0, seed: int | None = None, json_schema: dict | None = None,
+                     reasoning: bool = True) -> dict:
     """The sampling parameters in OpenAI's names, normalised (they are part of the cache key); the API checks their
     values, and the local backend checks them as serve.py does (GenerateArgs.from_openai). json_schema (the local
-    backend's constrained JSON) is only present when given, so the keys of other requests stay what they were."""
+    backend's constrained JSON) is only present when given, and reasoning only when False (a chat under json_schema
+    that writes the JSON at once), so the keys of other requests stay what they were."""
     stop = [stop] if isinstance(stop, str) else (list(stop) if stop else None)
     params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed)
     if json_schema is not None:
         params["json_schema"] = json_schema
+    if not reasoning:
+        if json_schema is None:
+            raise ValueError("reasoning=False applies to a chat under json_schema only (chat_json sets both)")
+        params["reasoning"] = False
     return params
 
 

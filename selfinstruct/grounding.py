@@ -135,7 +135,9 @@ def ground(llm, path: Path, articles: list[dict], kinds=KINDS, max_chars: int = 
                                                   "facts stated in the article."},
                     {"role": "user", "content": f"Article:\n{text}\n\n{ASK[kind]}"}]
         try:
-            obj = llm.chat_json(messages, SCHEMAS[kind], check=lambda o: check(kind, o, text), **SAMPLING)
+            # the prompt asks for JSON only: a local model writes it at once, without a reasoning pass first
+            obj = llm.chat_json(messages, SCHEMAS[kind], check=lambda o: check(kind, o, text), reasoning=False,
+                                **SAMPLING)
         except LLMOutputError as e:
             return {"ok": False, "reason": e.reason[:300]}
         pick = int(hashlib.sha256(article["url"].encode()).hexdigest(), 16) % len(INSTRUCTIONS[kind])

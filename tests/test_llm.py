@@ -537,6 +537,16 @@ def test_local_chat_json_reasons_then_decodes_the_json_under_the_schema(tmp_path
         assert llm.chat_json(messages, schema, max_tokens=96) == got.data and llm.usage["cached"] == 1
         with pytest.raises(ValueError, match="local model only"):
             LLM(LLMArgs(backend="openai", cache=None)).chat(messages, json_schema=schema)
+        # reasoning=False (a prompt that asks for the JSON alone): the reply opens with the fence, no thinking pass
+        [direct] = tiny.chat([messages], generate.GenerateArgs(max_new_tokens=96, json_schema=json.dumps(schema)),
+                             prefixes=["```json\n"])
+        requests, tokens = llm.usage["requests"], llm.usage["completion_tokens"]
+        got = llm.chat_json_answer(messages, schema, reasoning=False, max_tokens=96)
+        assert got.raw == "```json\n" + direct.text + "\n```" and got.reasoning == ""
+        assert got.data == json.loads(direct.text) and llm.usage["requests"] == requests + 1  # its own cache key
+        assert llm.usage["completion_tokens"] == tokens + direct.completion_tokens  # the JSON's tokens only
+        with pytest.raises(ValueError, match="reasoning=False applies to a chat under json_schema"):
+            llm.chat(messages, reasoning=False)
         # a completion with a schema is the JSON alone, as generate decodes it
         [ref] = tiny.generate(["BTC:"], generate.GenerateArgs(max_new_tokens=96, json_schema=json.dumps(schema)))
         done = llm.complete("BTC:", max_tokens=96, json_schema=schema)
