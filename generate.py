@@ -60,6 +60,10 @@ class GenerateArgs:
     json_schema: str = field(default="", metadata={
         "help": "constrain the output to one JSON value matching this JSON schema, given as JSON text ('{}': any "
                 "JSON value); generation ends when the value does"})
+    json_after: str = field(default="", metadata={
+        "help": "with json_schema: write freely until this text (a ```json fence, say), then the JSON under the "
+                "schema with max_new_tokens more; a row that would end first (stop token or its budget) gets the "
+                "text written for it, so every row ends with the JSON"})
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -78,6 +82,10 @@ class GenerateArgs:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not s for s in self.stop):
             raise ValueError(f"stop={self.stop!r} contains an empty string")
+        if self.json_after and not self.json_schema:
+            raise ValueError("json_after needs json_schema (the JSON that follows it)")
+        if self.json_after and self.stop:
+            raise ValueError("json_after and stop do not combine: the text before the JSON ends at json_after")
         self._constraint = None  # compiled once here; every row decodes with its own copy
         if self.json_schema:
             try:
@@ -209,7 +217,30 @@ class _Row:
         self.sent = 0  # characters of text already streamed
         self._start = self._done = 0  # ids[_start:_done] were decoded last time: context for the next decode
         self.finish_reason: str | None = None
+        self.limit = budget  # where the row ends: its budget, or after json_after, the JSON's own max_new_tokens
         self.constraint = args.constraint()  # the JSON the output must follow, or None
+        self.later = self.forced = None  # with json_after: the constraint it turns on, the tokens that write it
+        if args.json_after:
+            self.later, self.constraint = self.constraint, None
+
+    def steer(self, choice: int) -> int:
+        """The token a json_after row takes in place of `choice` before its JSON: the next token of json_after
+        written for it once it chose a stop token or used max_new_tokens, else `choice`."""
+        if self.forced is None and (choice in self.tok.stop_ids or len(self.ids) >= self.args.max_new_tokens):
+            self.forced = self.tok.encode(f"\n{self.args.json_after}\n")
+        return self.forced.pop(0) if self.forced else choice
+
+    def _start_json(self, since: int) -> None:
+        """Turn the JSON constraint on once json_after ends after `since` characters of text; what follows it in
+        the same token must begin the JSON (else the row ends: its text then holds no valid JSON)."""
+        at = self.text.find(self.args.json_after, max(0, since - len(self.args.json_after) + 1))
+        if at < 0:
+            return
+        self.constraint, self.later, self.forced = self.later, None, None
+        self.limit = min(self.budget, len(self.ids) + self.args.max_new_tokens)
+        rest = self.text[at + len(self.args.json_after):].encode()
+        if not self.constraint.feed(rest) or self.constraint.closed:
+            self.finish_reason = "stop"
 
     def allows(self, token: int) -> bool:
         """Whether the row's JSON constraint lets `token` come next: a stop token once the value is complete, else a
@@ -237,9 +268,11 @@ class _Row:
                 self._start, self._done = self._done, len(self.ids)
                 before = len(self.text)
                 self.text += new[len(old):]
+                if self.later is not None:
+                    self._start_json(before)
                 if self._find_stop(before):
                     return self._flush()
-            if len(self.ids) >= self.budget and not self.finish_reason:
+            if len(self.ids) >= self.limit and not self.finish_reason:
                 self.finish_reason = "length"
         if self.finish_reason:
             ended_by_token = token in self.tok.stop_ids
@@ -609,6 +642,8 @@ class _SamplingState:
         for b, row in enumerate(self.rows):
             if row.constraint is not None:
                 nxt[b] = _constrained(row, int(nxt[b]), logits[b], probs.get(b))
+            elif row.later is not None:
+                nxt[b] = row.steer(int(nxt[b]))
         if self.seen is not None:
             self.seen[torch.arange(len(nxt)), nxt] = True
         if self.counts is not None:
@@ -674,8 +709,13 @@ def _check_prompts(prompts: list[list[int]], max_len: int) -> None:
 
 
 def _budget(prompt: list[int], args: GenerateArgs, model) -> int:
-    """Most tokens a row may generate: max_new_tokens, within max_seq_len positions (as the prompt alone)."""
-    return min(args.max_new_tokens, model.args.max_seq_len - len(prompt))
+    """Most tokens a row may generate: max_new_tokens (twice with json_after, and room for the text written for
+    it), within max_seq_len positions (as the prompt alone)."""
+    most = 2 * args.max_new_tokens + JSON_AFTER_ROOM if args.json_after else args.max_new_tokens
+    return min(most, model.args.max_seq_len - len(prompt))
+
+
+JSON_AFTER_ROOM = 16  # cache slots for json_after written after a row's free text (a ```json fence is ~4 tokens)
 
 
 # a shared prompt prefix shorter than this is prefilled with each row: one more forward pass would cost more

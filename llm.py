@@ -546,10 +546,11 @@ class LLM:
                 time.sleep(delay)
 
     def _local(self, kind: str, payload, params: dict) -> Completion:
-        """Generate with the local model. A completion with a json_schema is decoded under it. A chat with one runs
-        twice: the reply up to its ```json fence (the chain of thought), then, continuing that reply after the fence,
-        the JSON under the schema (with its own max_tokens budget); the text is both, closed by a fence, as an API
-        model would write it. With reasoning=False only the second runs, on a reply that opens with the fence."""
+        """Generate with the local model. A completion with a json_schema is decoded under it. A chat with one is
+        the reply up to its ```json fence (the chain of thought), then the JSON under the schema, with a max_tokens
+        budget of its own (generate.py's json_after, one generation; two, the JSON continuing the reply, when a stop
+        string may end the reasoning); the text is both, closed by a fence, as an API model would write it. With
+        reasoning=False the reply opens with the fence and holds the JSON alone."""
         from generate import GenerateArgs, Generator  # imported here so the API backend needs no torch
         from precision import choose_dtype
 
@@ -570,15 +571,22 @@ class LLM:
             return Completion(text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
                               completion_tokens=r.completion_tokens)
         if params.get("reasoning") is False:  # the JSON alone: the reply opens with the fence, then the object
-            think, prefix = None, f"{JSON_FENCE}\n"
-        else:
+            prefix = f"{JSON_FENCE}\n"
+            r = self._submit("chat_prefix", (payload, prefix),
+                             dataclasses.replace(gargs, json_schema=json.dumps(schema)))
+        elif gargs.stop:  # the reasoning ends at a stop string too: two generations, the JSON after the fence
             think = self._submit("chat", payload, dataclasses.replace(gargs, stop=gargs.stop + (JSON_FENCE,)))
             prefix = f"{think.text.rstrip()}\n{JSON_FENCE}\n"
-        answer = self._submit("chat_prefix", (payload, prefix),
-                              dataclasses.replace(gargs, stop=(), json_schema=json.dumps(schema)))
-        return Completion(text=f"{prefix}{answer.text}\n```", finish_reason=answer.finish_reason,
-                          prompt_tokens=answer.prompt_tokens + (think.prompt_tokens if think else 0),
-                          completion_tokens=answer.completion_tokens + (think.completion_tokens if think else 0))
+            r = self._submit("chat_prefix", (payload, prefix),
+                             dataclasses.replace(gargs, stop=(), json_schema=json.dumps(schema)))
+            r = dataclasses.replace(r, prompt_tokens=think.prompt_tokens + r.prompt_tokens,
+                                    completion_tokens=think.completion_tokens + r.completion_tokens)
+        else:  # one generation: reasoning, the fence (written for the model if it stops first), the JSON
+            prefix = ""
+            r = self._submit("chat", payload, dataclasses.replace(gargs, json_schema=json.dumps(schema),
+                                                                  json_after=JSON_FENCE))
+        return Completion(text=f"{prefix}{r.text}\n```", finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
+                          completion_tokens=r.completion_tokens)
 
     def _submit(self, kind: str, payload, gargs):
         """One generation on the local model, batched with the requests of other threads waiting for it."""

@@ -460,11 +460,42 @@ def test_constrained_sampling_is_the_distribution_restricted_to_allowed_tokens()
     assert _constrained(_FakeRow({3}), 0, logits, torch.tensor([0.6, 0.4, 0.0, 0.0, 0.0])) == 3
 
 
+def test_json_after_writes_freely_then_the_fence_then_the_json_under_the_schema():
+    """A row that never writes json_after itself: max_new_tokens of free text (as plain greedy decoding), then the
+    fence written for it, then the JSON exactly as a constrained row continuing that whole text decodes it, with a
+    budget of its own; beside a plain row, which is untouched."""
+    gen, schema = tiny_generator(seed=6, max_seq_len=1024), json.dumps(CHOICE)
+    prompt, fence = ids_of("Think, then JSON:"), ids_of("\n```json")
+    after = GenerateArgs(max_new_tokens=230, json_schema=schema, json_after="```json")
+    free = GenerateArgs(max_new_tokens=12)
+    row, plain = gen.generate_ids([prompt, ids_of("Anything")], [after, free])
+    think = greedy_alone(gen, prompt, 230)
+    [ref] = gen.generate_ids([prompt + think + fence], GenerateArgs(max_new_tokens=230, json_schema=schema))
+    assert row.token_ids == think + fence + ref.token_ids and row.finish_reason == ref.finish_reason == "stop"
+    assert row.text == gen.tokenizer.decode(think + fence) + ref.text and validate(json.loads(ref.text), CHOICE) == []
+    assert plain.token_ids == gen.generate_ids([ids_of("Anything")], free)[0].token_ids
+
+
+def test_json_after_writes_the_fence_in_place_of_a_stop_token():
+    first = greedy_alone(tiny_generator(seed=6), ids_of("Think:"), 1)[0]
+    gen = tiny_generator(seed=6, stop_ids=(first,))  # the model's first choice now ends the text
+    schema, fence = json.dumps(CHOICE), ids_of("\n```json")
+    [row] = gen.generate_ids([ids_of("Think:")], GenerateArgs(max_new_tokens=230, json_schema=schema,
+                                                              json_after="```json"))
+    [ref] = gen.generate_ids([ids_of("Think:") + fence], GenerateArgs(max_new_tokens=230, json_schema=schema))
+    assert row.token_ids == fence + ref.token_ids and row.text == "\n```json" + ref.text
+    assert validate(json.loads(ref.text), CHOICE) == []
+
+
 def test_json_schema_argument_errors():
     with pytest.raises(ValueError, match="json_schema is not JSON"):
         GenerateArgs(json_schema="{type: object}")
     with pytest.raises(ValueError, match="anyOf"):
         GenerateArgs(json_schema='{"anyOf": [{"type": "string"}]}')
+    with pytest.raises(ValueError, match="json_after needs json_schema"):
+        GenerateArgs(json_after="```json")
+    with pytest.raises(ValueError, match="json_after and stop do not combine"):
+        GenerateArgs(json_after="```json", json_schema="{}", stop=("\n",))
 
 
 @pytest.mark.slow

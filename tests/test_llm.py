@@ -510,9 +510,10 @@ def test_local_backend_embedded_model(tmp_path, smollm2_gguf):
 
 @needs_generate
 def test_local_chat_json_reasons_then_decodes_the_json_under_the_schema(tmp_path, smollm2_gguf, monkeypatch):
-    """With the local backend, chat_json runs the reply up to its ```json fence, then continues that reply with the
-    JSON decoded under the schema: the same texts as the two Generator calls, and a valid object even from a
-    random model (an enum-only schema, so it must end)."""
+    """With the local backend, chat_json writes the reply up to its ```json fence, then the JSON decoded under the
+    schema, in one generation (json_after); with a stop string, as two (the reply, then the JSON continuing it): the
+    same texts as the Generator calls, and a valid object even from a random model (an enum-only schema, so it must
+    end)."""
     import torch
 
     import generate
@@ -525,16 +526,22 @@ def test_local_chat_json_reasons_then_decodes_the_json_under_the_schema(tmp_path
     schema = {"type": "object", "required": ["move"], "additionalProperties": False,
               "properties": {"move": {"enum": ["up", "down"]}}}
     messages = user("Will BTC go up? Think, then answer in a ```json block.")
-    [think] = tiny.chat([messages], generate.GenerateArgs(max_new_tokens=96, stop=("```json",)))
-    prefix = think.text.rstrip() + "\n```json\n"
-    [answer] = tiny.chat([messages], generate.GenerateArgs(max_new_tokens=96, json_schema=json.dumps(schema)),
-                         prefixes=[prefix])
+    [one] = tiny.chat([messages], generate.GenerateArgs(max_new_tokens=96, json_schema=json.dumps(schema),
+                                                        json_after="```json"))
+    think, answer = one.text.split("```json")  # the random model never writes the fence: it was written for it
     with LLM(LLMArgs(backend="local", cache=str(tmp_path / "llm.sqlite"))) as llm:
         got = llm.chat_json_answer(messages, schema, max_tokens=96)
-        assert got.raw == prefix + answer.text + "\n```" and not got.repaired
-        assert got.data == json.loads(answer.text) and got.data["move"] in ("up", "down")
-        assert got.reasoning == think.text.strip()
+        assert got.raw == one.text + "\n```" and not got.repaired and got.reasoning == think.strip()
+        assert got.data == json.loads(answer) and got.data["move"] in ("up", "down")
+        assert llm.usage["completion_tokens"] == one.completion_tokens
         assert llm.chat_json(messages, schema, max_tokens=96) == got.data and llm.usage["cached"] == 1
+        # a stop string may end the reasoning: two generations
+        [think] = tiny.chat([messages], generate.GenerateArgs(max_new_tokens=96, stop=("!", "```json")))
+        prefix = think.text.rstrip() + "\n```json\n"
+        [answer] = tiny.chat([messages], generate.GenerateArgs(max_new_tokens=96, json_schema=json.dumps(schema)),
+                             prefixes=[prefix])
+        got = llm.chat_json_answer(messages, schema, max_tokens=96, stop="!")
+        assert got.raw == prefix + answer.text + "\n```" and got.reasoning == think.text.strip()
         with pytest.raises(ValueError, match="local model only"):
             LLM(LLMArgs(backend="openai", cache=None)).chat(messages, json_schema=schema)
         # reasoning=False (a prompt that asks for the JSON alone): the reply opens with the fence, no thinking pass
