@@ -217,7 +217,6 @@ class _Row:
         self.sent = 0  # characters of text already streamed
         self._start = self._done = 0  # ids[_start:_done] were decoded last time: context for the next decode
         self.finish_reason: str | None = None
-        self.limit = budget  # where the row ends: its budget, or after json_after, the JSON's own max_new_tokens
         self.constraint = args.constraint()  # the JSON the output must follow, or None
         self.later = self.forced = None  # with json_after: the constraint it turns on, the tokens that write it
         if args.json_after:
@@ -237,7 +236,7 @@ class _Row:
         if at < 0:
             return
         self.constraint, self.later, self.forced = self.later, None, None
-        self.limit = min(self.budget, len(self.ids) + self.args.max_new_tokens)
+        self.budget = min(self.budget, len(self.ids) + self.args.max_new_tokens)  # the JSON's own max_new_tokens
         rest = self.text[at + len(self.args.json_after):].encode()
         if not self.constraint.feed(rest) or self.constraint.closed:
             self.finish_reason = "stop"
@@ -272,7 +271,7 @@ class _Row:
                     self._start_json(before)
                 if self._find_stop(before):
                     return self._flush()
-            if len(self.ids) >= self.limit and not self.finish_reason:
+            if len(self.ids) >= self.budget and not self.finish_reason:
                 self.finish_reason = "length"
         if self.finish_reason:
             ended_by_token = token in self.tok.stop_ids
